@@ -1,0 +1,296 @@
+"""Recipes for the tiny offline inference checkpoints (SD-1.5-inpainting, IP-Adapter-Plus SD 1.5).
+
+Each builder writes, into an existing empty folder, a checkpoint laid out exactly like the real
+one it stands in for, so `inference.loading` loads both with the same code. Fixed seeds,
+safetensors only; `scripts/make_tiny_models.py` orchestrates them. The weights are random: they
+test mechanics, never image quality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+RECIPE_VERSION = "1"
+
+SEED = 0
+# Model resolution: UNet sample_size 8 latents x VAE factor 8 = 64 px images.
+IMAGE_SIZE = 64
+
+# One UNet config shared by both recipes: the IP-Adapter's to_k_ip/to_v_ip shapes and numbering
+# depend on it, and the ip-adapter builder must not depend on the sd-inpainting folder existing.
+# Mirrors SD 1.5 (CrossAttn blocks at the high-resolution levels, plain blocks at the lowest),
+# so down, mid and up blocks all have self-attention (attn1) and cross-attention (attn2).
+UNET_CONFIG: dict = {
+    "sample_size": IMAGE_SIZE // 8,
+    "in_channels": 9,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    # SD 1.5 semantics: diffusers reads this legacy field as the number of heads.
+    "attention_head_dim": 2,
+    "norm_num_groups": 32,
+}
+
+VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": IMAGE_SIZE,
+    "scaling_factor": 0.18215,
+}
+
+TEXT_ENCODER_CONFIG: dict = {
+    "hidden_size": UNET_CONFIG["cross_attention_dim"],
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+}
+
+# SD 1.5 inpainting's scheduler_config.json.
+SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+IMAGE_ENCODER_IMAGE_SIZE = 32
+IMAGE_ENCODER_CONFIG: dict = {
+    "image_size": IMAGE_ENCODER_IMAGE_SIZE,
+    "patch_size": 8,  # 16 patches + CLS = 17 tokens
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,  # Plus reads hidden_states[-2], the output of layer 1
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+
+# IP-Adapter-Plus resampler (the original `Resampler`). diffusers' converter hard-codes depth 4,
+# dim_head 64 and heads = to_q rows // 64, so the tiny inner dim is one 64-wide head.
+RESAMPLER_CONFIG: dict = {
+    "dim": 64,
+    "depth": 4,
+    "dim_head": 64,
+    "heads": 1,
+    "num_queries": 16,
+    "embedding_dim": IMAGE_ENCODER_CONFIG["hidden_size"],
+    "output_dim": UNET_CONFIG["cross_attention_dim"],
+    "ff_mult": 4,
+}
+
+TOKENIZER_WORDS = (
+    "a", "photo", "of", "the", "an", "and", "in", "on", "with", "at",
+    "dog", "cat", "person", "man", "woman", "car", "chair", "table", "cup", "bottle",
+    "red", "green", "blue", "white", "black", "small", "large",
+)  # fmt: skip
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the byte-level BPE alphabet)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
+    """A small CLIP-style BPE: the byte alphabet, each byte + `</w>`, merges for a few words, specials."""
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in TOKENIZER_WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merge = f"{parts[0]} {parts[1]}"
+            merged = parts[0] + parts[1]
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(merged)
+            parts = [merged] + parts[2:]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def _write_tokenizer_files(folder: Path) -> None:
+    vocab, merges = _clip_bpe_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_sd_inpainting(out: Path) -> None:
+    """SD-1.5-inpainting layout: vae, text_encoder, tokenizer, unet (9 in-channels), scheduler."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet = _tiny_unet()
+    torch.manual_seed(SEED + 1)
+    vae = AutoencoderKL(**VAE_CONFIG)
+
+    # Write the BPE files ourselves, then load them through the real tokenizer class.
+    tok_src = out / ".tokenizer-src"
+    _write_tokenizer_files(tok_src)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_src, model_max_length=77)
+    vocab, _ = _clip_bpe_vocab()
+    torch.manual_seed(SEED + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_ENCODER_CONFIG,
+    )
+    text_encoder = CLIPTextModel(text_config).eval()
+
+    scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Keep the plain BPE files next to whatever the tokenizer class serialized.
+    _write_tokenizer_files(out / "tokenizer")
+    for f in tok_src.iterdir():
+        f.unlink()
+    tok_src.rmdir()
+
+
+class _PerceiverAttention(nn.Module):
+    """Parameter layout of the original IP-Adapter `PerceiverAttention` (state-dict names only)."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        inner = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    inner = dim * mult
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
+
+
+class _Resampler(nn.Module):
+    """Parameter layout of the original IP-Adapter-Plus `Resampler`, so the keys are the published ones."""
+
+    def __init__(self, dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            [
+                nn.ModuleList([_PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
+                for _ in range(depth)
+            ]
+        )
+
+
+def _randomize_norms(module: nn.Module) -> None:
+    # Default LayerNorms are exactly 1/0; perturb them so a loader that drops them is caught.
+    for sub in module.modules():
+        if isinstance(sub, nn.LayerNorm):
+            nn.init.normal_(sub.weight, 1.0, 0.02)
+            nn.init.normal_(sub.bias, 0.0, 0.02)
+
+
+def ip_adapter_state_dict() -> dict[str, torch.Tensor]:
+    """The tiny IP-Adapter-Plus weights in the published flat layout (`image_proj.*`, `ip_adapter.*`).
+
+    `ip_adapter.{k}` numbers every processor of `unet.attn_processors` in order, as the original
+    `nn.ModuleList(unet.attn_processors.values())` did; only attn2 (odd k) carry to_k_ip/to_v_ip.
+    """
+    torch.manual_seed(SEED + 10)
+    resampler = _Resampler(**RESAMPLER_CONFIG)
+    _randomize_norms(resampler)
+    state = {f"image_proj.{k}": v for k, v in resampler.state_dict().items()}
+
+    unet = _tiny_unet()
+    cross_dim = UNET_CONFIG["cross_attention_dim"]
+    channels = UNET_CONFIG["block_out_channels"]
+    generator = torch.Generator().manual_seed(SEED + 11)
+    for key_id, name in enumerate(unet.attn_processors):
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for proj in ("to_k_ip", "to_v_ip"):
+            weight = torch.randn(hidden, cross_dim, generator=generator) / cross_dim**0.5
+            state[f"ip_adapter.{key_id}.{proj}.weight"] = weight
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def build_ip_adapter(out: Path) -> None:
+    """`h94/IP-Adapter` layout: models/ip-adapter-plus_sd15.safetensors + models/image_encoder/."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    models = out / "models"
+    models.mkdir()
+    save_file(
+        ip_adapter_state_dict(), str(models / "ip-adapter-plus_sd15.safetensors"), metadata={"format": "pt"}
+    )
+
+    torch.manual_seed(SEED + 20)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).eval()
+    encoder.save_pretrained(models / "image_encoder", safe_serialization=True)
+    processor = CLIPImageProcessor(size=IMAGE_ENCODER_IMAGE_SIZE, crop_size=IMAGE_ENCODER_IMAGE_SIZE)
+    processor.save_pretrained(models / "image_encoder")
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sd-inpainting": build_sd_inpainting,
+    "ip-adapter": build_ip_adapter,
+}
