@@ -38,8 +38,10 @@ def tiny_models_dir() -> Path:
 
 
 def is_local_ref(ref: str) -> bool:
-    """A model ref is a local folder when it is written as a path; otherwise it is a hub id."""
-    return ref.startswith(("/", "./", "../", "~", TINY_PLACEHOLDER)) or not HUB_ID.match(ref)
+    """A model ref is a local folder when it exists or is written as a path; otherwise a hub id."""
+    if ref.startswith(("/", ".", "~", TINY_PLACEHOLDER)) or not HUB_ID.match(ref):
+        return True
+    return Path(ref).expanduser().exists()
 
 
 def expand_ref(ref: str) -> str:
@@ -126,6 +128,7 @@ class TagConfig(StrictModel):
     threshold: float = Field(0.2, ge=0, le=1)
     top_k: int = Field(5, ge=1)
     exclude: list[str] | Literal["builtin"] = "builtin"
+    prompt: str = Field("a photo of a {tag}", description="CLIP text template for each vocabulary tag")
     resources: Resources = Resources()
 
 
@@ -183,6 +186,15 @@ class OutputConfig(StrictModel):
 class LimitsConfig(StrictModel):
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard")
     max_bytes: int = Field(100_000_000, ge=1)
+    min_side: int = Field(8, ge=1, description="images with a shorter side are recorded as failed")
+
+
+class EngineConfig(StrictModel):
+    """Where the stages run: `ray` (Ray Data; RAY_ADDRESS or an embedded local Ray) or `local` (one process)."""
+
+    backend: Literal["ray", "local"] = "ray"
+    io_num_cpus: float = Field(0.5, gt=0, description="CPUs per Ray task that reads/decodes or encodes a shard")
+    seed: int = Field(0, description="torch seed set in every stage before its model runs")
 
 
 class PipelineConfig(StrictModel):
@@ -199,6 +211,7 @@ class PipelineConfig(StrictModel):
     caption: CaptionConfig = CaptionConfig()
     output: OutputConfig = OutputConfig()
     limits: LimitsConfig = LimitsConfig()
+    engine: EngineConfig = EngineConfig()
 
 
 class ProjectConfig(StrictModel):
@@ -226,8 +239,17 @@ class RunConfig(StrictModel):
     profile: Profile
 
     def config_hash(self) -> str:
-        """A short stable hash of everything that shapes the output (written into every sample)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A short stable hash of everything that shapes the output (written into every sample).
+
+        Where the images come from and go to (inputs, output folder), the description and the
+        engine (Ray or one process, resources) do not change a sample, so they are left out: the
+        same images mined into two folders, or on Ray and in one process, give identical bytes.
+        """
+        data = self.model_dump(mode="json")
+        for key in ("inputs", "description", "engine"):
+            data["pipeline"].pop(key, None)
+        data["pipeline"]["output"].pop("dir", None)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

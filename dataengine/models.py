@@ -8,7 +8,6 @@ tiny offline zoo built by `dataengine.tiny_models`) and goes through the library
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,6 +25,8 @@ from transformers import (
     SamProcessor,
 )
 
+from dataengine.config import is_local_ref
+
 ROLE_TAGGER = "tagger"
 ROLE_GROUNDING = "grounding"
 ROLE_SEGMENTER = "segmenter"
@@ -36,20 +37,11 @@ BUILTIN_TAG_VOCABULARY = DATA_DIR / "tag_vocabulary.txt"
 BUILTIN_NON_ENTITY_TAGS = DATA_DIR / "non_entity_tags.txt"
 BUILTIN = "builtin"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
 
 class ModelLoadError(OSError):
     """A model named in the config (hub id or local folder) cannot be found or loaded."""
-
-
-def _is_local_ref(ref: str) -> bool:
-    """A ref is a local folder when it exists or is written as a path; otherwise a hub id."""
-    if Path(ref).expanduser().exists():
-        return True
-    return ref.startswith(("/", ".", "~")) or not _HUB_ID.match(ref)
 
 
 def _load(
@@ -67,7 +59,7 @@ def _load(
             half fails to load.
     """
     ref_str = os.fspath(ref)
-    if _is_local_ref(ref_str):
+    if is_local_ref(ref_str):
         path = Path(ref_str).expanduser()
         if not path.is_dir():
             raise ModelLoadError(
