@@ -193,7 +193,6 @@ class EngineConfig(StrictModel):
     """Where the stages run: `ray` (Ray Data; RAY_ADDRESS or an embedded local Ray) or `local` (one process)."""
 
     backend: Literal["ray", "local"] = "ray"
-    io_num_cpus: float = Field(0.5, gt=0, description="CPUs per Ray task that reads/decodes or encodes a shard")
     seed: int = Field(0, description="torch seed set in every stage before its model runs")
 
 
@@ -241,14 +240,19 @@ class RunConfig(StrictModel):
     def config_hash(self) -> str:
         """A short stable hash of everything that shapes the output (written into every sample).
 
-        Where the images come from and go to (inputs, output folder), the description and the
-        engine (Ray or one process, resources) do not change a sample, so they are left out: the
-        same images mined into two folders, or on Ray and in one process, give identical bytes.
+        Where the images come from and go to (inputs, output folder), the description, the engine
+        (Ray or one process) and the placement of stages (replicas, CPUs, GPUs) do not change a
+        sample, so they are left out: the same images mined into two folders, on Ray or in one
+        process, give identical bytes.
         """
         data = self.model_dump(mode="json")
         for key in ("inputs", "description", "engine"):
             data["pipeline"].pop(key, None)
         data["pipeline"]["output"].pop("dir", None)
+        for section in data["pipeline"].values():
+            if isinstance(section, dict) and "resources" in section:
+                # Placement (replicas, CPUs, GPUs) does not change a result; the batch size may.
+                section["resources"] = {"batch_size": section["resources"]["batch_size"]}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

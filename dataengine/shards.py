@@ -1,0 +1,218 @@
+"""QuadrupletWriter: commit one output shard (tar + parquet + stats) atomically; know what is done.
+
+Per output shard `{shard:06d}` (DESIGN.md "Quadruplet shards (format v1)"):
+
+- `{shard}.tar`: the samples, in input order then instance order; tar headers are fixed (mtime 0,
+  owner `lar-gen`, mode 0444), so the same samples always give the same bytes;
+- `{shard}.parquet`: one row per input image: status ok / no_instances / failed, error text,
+  instance count, sample keys;
+- `{shard}_stats.json`: counts per stage, drops per reason, durations; written last, it is the
+  completion marker.
+
+Each file is written under a hidden temporary name (`.{name}.tmp`) in the same folder, flushed
+and fsynced, then `os.replace`d into place: a reader never sees a half-written file under a final
+name, and a shard counts as done only when its stats file exists. A run killed at any moment leaves
+at most temporary files (removed by the next run) and final files of an uncommitted shard (rewritten
+with the same bytes by the next run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from dataengine.config import RunConfig
+from dataengine.inputs import InputShard
+from dataengine.schema import SCHEMA_VERSION
+from dataengine.stages.base import FAILED, NO_INSTANCES, OK, ImageRecord
+
+STATS_SUFFIX = "_stats.json"
+TMP_PREFIX = "."
+TMP_SUFFIX = ".tmp"
+TAR_OWNER = "lar-gen"
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("index", pa.int64()),
+        ("uri", pa.string()),
+        ("source_id", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("tags", pa.list_(pa.string())),
+        ("instances", pa.int64()),
+        ("keys", pa.list_(pa.string())),
+    ]
+)
+
+
+class ResumeError(RuntimeError):
+    """The output folder holds shards committed from other inputs or another config; rerun with --overwrite."""
+
+
+class QuadrupletWriter:
+    """Writes committed shards into one output folder and tells which shards are already committed.
+
+    Args:
+        out_dir: the output folder (created).
+        cfg: the run's config; its hash is checked against committed shards on resume.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, cfg: RunConfig):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.config_hash = cfg.config_hash()
+        self._remove_stale_temporaries()
+
+    # ------------------------------------------------------------------ paths and state
+
+    def path(self, shard: InputShard | int, suffix: str) -> Path:
+        index = shard.index if isinstance(shard, InputShard) else shard
+        return self.out_dir / f"{index:06d}{suffix}"
+
+    def is_committed(self, shard: InputShard) -> bool:
+        """Whether the shard's stats file exists, checked against this run's inputs and config.
+
+        Raises:
+            ResumeError: the committed shard was made from other images or with another config.
+        """
+        stats_path = self.path(shard, STATS_SUFFIX)
+        if not stats_path.is_file():
+            return False
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        if stats.get("input_fingerprint") != shard.fingerprint():
+            raise ResumeError(
+                f"{stats_path}: committed from other input images than this run's shard {shard.name}; "
+                "use a new --output or --overwrite"
+            )
+        if stats.get("config_hash") != self.config_hash:
+            raise ResumeError(
+                f"{stats_path}: committed with config {stats.get('config_hash')}, this run has {self.config_hash}; "
+                "use a new --output or --overwrite"
+            )
+        return True
+
+    def pending(self, shards: Sequence[InputShard], overwrite: bool = False) -> list[InputShard]:
+        """The shards still to mine. With `overwrite`, every shard is uncommitted first and redone."""
+        if overwrite:
+            for shard in shards:
+                self.uncommit(shard)
+            return list(shards)
+        return [s for s in shards if not self.is_committed(s)]
+
+    def uncommit(self, shard: InputShard) -> None:
+        """Remove a shard's completion marker first (so it is never half-committed), then its files."""
+        for suffix in (STATS_SUFFIX, ".parquet", ".tar"):
+            self.path(shard, suffix).unlink(missing_ok=True)
+
+    def _remove_stale_temporaries(self) -> None:
+        for tmp in self.out_dir.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(self, shard: InputShard, records: Sequence[ImageRecord], seconds: float = 0.0) -> dict:
+        """Write the shard's tar, parquet and (last) stats; returns the stats dict.
+
+        Args:
+            shard: the input shard the records come from.
+            records: one finished record per input image of the shard (any order).
+            seconds: wall time the engine spent on the shard (reported in the stats).
+
+        Raises:
+            ValueError: the records do not match the shard's images one to one.
+        """
+        records = sorted(records, key=lambda r: r.index)
+        if [r.index for r in records] != list(range(len(shard.items))):
+            raise ValueError(
+                f"shard {shard.name}: got records {[r.index for r in records]} for {len(shard.items)} input images"
+            )
+        start = time.perf_counter()
+        self._atomic(self.path(shard, ".tar"), lambda f: self._write_tar(f, records))
+        self._atomic(self.path(shard, ".parquet"), lambda f: pq.write_table(self._table(shard, records), f))
+        stats = shard_stats(shard, records, self.cfg, self.config_hash)
+        stats["seconds"]["write"] = round(time.perf_counter() - start, 4)
+        stats["seconds"]["wall"] = round(seconds, 4)
+        payload = json.dumps(stats, indent=2, sort_keys=True).encode("utf-8")
+        self._atomic(self.path(shard, STATS_SUFFIX), lambda f: f.write(payload))
+        return stats
+
+    def _atomic(self, final: Path, write) -> None:
+        tmp = final.with_name(f"{TMP_PREFIX}{final.name}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_tar(f, records: Sequence[ImageRecord]) -> None:
+        # Fixed mtime/owner/mode: the same samples give byte-identical tars (exact resume checks).
+        with wds.TarWriter(f, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, mtime=0.0, encoder=False) as sink:
+            for record in records:
+                for sample in record.samples:
+                    sink.write(sample)
+
+    @staticmethod
+    def _table(shard: InputShard, records: Sequence[ImageRecord]) -> pa.Table:
+        rows = {name: [] for name in PARQUET_SCHEMA.names}
+        for r in records:
+            height, width = r.size or (None, None)
+            rows["shard"].append(shard.index)
+            rows["index"].append(r.index)
+            rows["uri"].append(r.uri)
+            rows["source_id"].append(r.source_id or None)
+            rows["status"].append(r.status)
+            rows["error"].append(r.error or None)
+            rows["width"].append(width)
+            rows["height"].append(height)
+            rows["tags"].append(list(r.tags))
+            rows["instances"].append(len(r.samples))
+            rows["keys"].append([s["__key__"] for s in r.samples])
+        return pa.table(rows, schema=PARQUET_SCHEMA)
+
+
+def shard_stats(shard: InputShard, records: Iterable[ImageRecord], cfg: RunConfig, config_hash: str) -> dict:
+    """Counters of one shard: images by status, items out of each stage, drops by reason, seconds per stage."""
+    records = list(records)
+    status = Counter({OK: 0, NO_INSTANCES: 0, FAILED: 0})
+    stages: Counter = Counter()
+    images_in: Counter = Counter()
+    drops: Counter = Counter()
+    seconds: Counter = Counter()
+    for r in records:
+        status[r.status] += 1
+        drops.update(r.drops)
+        for stage, n in r.counts.items():
+            stages[stage] += n
+        for stage, s in r.seconds.items():
+            seconds[stage] += s
+            images_in[stage] += 1
+    return {
+        "format_version": SCHEMA_VERSION,
+        "shard": shard.name,
+        "pipeline": cfg.pipeline_name,
+        "config_hash": config_hash,
+        "input_fingerprint": shard.fingerprint(),
+        "images": len(records),
+        "samples": sum(len(r.samples) for r in records),
+        "status": dict(sorted(status.items())),
+        "stage_images_in": dict(sorted(images_in.items())),
+        "stage_items_out": dict(sorted(stages.items())),
+        "drops": dict(sorted(drops.items())),
+        "seconds": {k: round(v, 4) for k, v in sorted(seconds.items())},
+    }
