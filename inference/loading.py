@@ -197,3 +197,44 @@ def load_image_prompt(
     if not had_feature_extractor or _crop_size(pipe.feature_extractor) != image_size:
         pipe.register_modules(feature_extractor=_load_image_processor(ref_str, encoder_subfolder, image_size))
     return pipe
+
+
+def load_ip_adapter_state_dict(
+    repo: str | os.PathLike,
+    subfolder: str = DEFAULT_IP_ADAPTER_SUBFOLDER,
+    weight_name: str = DEFAULT_IP_ADAPTER_WEIGHT,
+) -> dict[str, torch.Tensor]:
+    """Read an IP-Adapter safetensors file as published (flat `image_proj.*` / `ip_adapter.*` keys).
+
+    For LAR-Gen's own model (`inference.model.AssignAdapter.from_published`), which keeps the image
+    projection outside the UNet; `load_image_prompt` is the diffusers-pipeline counterpart.
+
+    Args:
+        repo: hub id (`h94/IP-Adapter`) or a local folder with the same layout.
+        subfolder: folder of the weight file inside `repo`.
+        weight_name: a `.safetensors` file (pickled `.bin` checkpoints are refused).
+
+    Returns:
+        The flat state dict, on CPU.
+
+    Raises:
+        CheckpointNotFoundError: the folder or file cannot be found or read.
+        ValueError: `weight_name` is not a safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    if not weight_name.endswith(".safetensors"):
+        raise ValueError(f"{ROLE_IMAGE_PROMPT}: {weight_name!r} is not a .safetensors file; only safetensors are loaded")
+    ref_str = os.fspath(repo)
+    rel = Path(subfolder, weight_name).as_posix() if subfolder else weight_name
+    local = _require_local(ref_str, ROLE_IMAGE_PROMPT, rel)
+    try:
+        if local is not None:
+            path = local / rel
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(ref_str, weight_name, subfolder=subfolder or None)
+        return load_file(str(path))
+    except OSError as err:
+        raise CheckpointNotFoundError(f"{ROLE_IMAGE_PROMPT}: cannot read {rel!r} from {ref_str!r}: {err}") from err

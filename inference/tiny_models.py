@@ -290,7 +290,28 @@ def build_ip_adapter(out: Path) -> None:
     processor.save_pretrained(models / "image_encoder")
 
 
+def build_largen_pipeline(out: Path) -> None:
+    """A complete LAR-Gen pipeline folder (`LARGenPipeline.from_pretrained`), built from the two bases.
+
+    SD-inpainting + IP-Adapter-Plus (both built here from the recipes above, into a scratch folder)
+    go through the real `LARGenPipeline.from_base`, which adds RefineNet (a copy of the UNet) and a
+    seeded DetailEncoder, and the DDIM-trailing scheduler; `save_pretrained` writes it to `out`.
+    """
+    import tempfile
+
+    from inference.pipeline import LARGenPipeline
+
+    with tempfile.TemporaryDirectory(prefix="largen-bases-") as scratch:
+        bases = Path(scratch)
+        for name, builder in (("sd-inpainting", build_sd_inpainting), ("ip-adapter", build_ip_adapter)):
+            (bases / name).mkdir()
+            builder(bases / name)
+        pipe = LARGenPipeline.from_base(bases / "sd-inpainting", bases / "ip-adapter", seed=SEED + 30)
+        pipe.save_pretrained(out)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd-inpainting": build_sd_inpainting,
     "ip-adapter": build_ip_adapter,
+    "largen-pipeline": build_largen_pipeline,
 }
