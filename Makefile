@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 export LARGEN_TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint tiny-models
+.PHONY: help install test lint tiny-models shards train demo mine sample-images bench-engine
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,3 +36,54 @@ lint: ## ruff over the whole project
 test: tiny-models ## run the whole test suite on CPU (pytest) and ruff
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# `make shards IN="mined/a mined/b" OUT=release/v1`: one or more mined folders into a release.
+IN ?= mined/default
+OUT ?= release/default
+SEED ?= 0
+VAL_FRACTION ?= 0.05
+SAMPLES_PER_SHARD ?= 1000
+SHARD_BYTES ?=
+shards: ## pack mined folders IN into a dataset release OUT (dedupe, split, reshard, index, card, validate)
+	$(PY) -m dataengine.release --input $(IN) --output $(OUT) --seed $(SEED) --val-fraction $(VAL_FRACTION) \
+		$(if $(SHARD_BYTES),--shard-bytes $(SHARD_BYTES),--samples-per-shard $(SAMPLES_PER_SHARD)) $(RELEASE_ARGS)
+
+# `make train DATA='release/v1/train/{000000..000099}.tar' OUT=runs/largen`: stage 1, then stage 2 from
+# its export; both resume from OUT. Multi-GPU: ACCELERATE_ARGS='--multi_gpu --num_processes 8'.
+ACCELERATE ?= $(VENV)/bin/accelerate
+ACCELERATE_ARGS ?=
+train: ## train LAR-Gen on shards DATA into OUT: stage 1 then stage 2 (accelerate launch, resumable)
+	@if [ -z "$(DATA)" ] || [ "$(origin OUT)" != "command line" ]; then \
+		echo "usage: make train DATA=<shards: path, brace pattern or fsspec URL> OUT=<run folder>"; \
+		echo "       [ACCELERATE_ARGS='--multi_gpu --num_processes 8'] [STAGE1_ARGS='--set optim.max_steps=100'] [STAGE2_ARGS=...]"; \
+		exit 2; fi
+	$(ACCELERATE) launch $(ACCELERATE_ARGS) -m training.train --config training/configs/stage1.yaml \
+		--set 'data.shards=$(DATA)' --set 'output.dir=$(OUT)/stage1' --resume_from_checkpoint latest $(STAGE1_ARGS)
+	$(ACCELERATE) launch $(ACCELERATE_ARGS) -m training.train --config training/configs/stage2.yaml \
+		--set 'data.shards=$(DATA)' --set 'output.dir=$(OUT)/stage2' --set 'model.pretrained=$(OUT)/stage1/final' \
+		--resume_from_checkpoint latest $(STAGE2_ARGS)
+
+demo: tiny-models sample-images ## offline end to end on the tiny zoo: mine `sample` -> train both stages -> inpaint, into demo-output/
+	$(PY) -m training.demo --output demo-output
+
+bench-inference: tiny-models ## CPU: seconds per denoising step, LARGenPipeline (Refine on/off) vs diffusers inpaint
+	$(PY) benchmarks/bench_inference.py --threads 1
+
+bench-inference-gpu: ## GPU: SD-1.5-size fp16 512px 50 steps, s/image + peak memory, LAR-Gen vs diffusers inpaint
+	$(PY) benchmarks/gpu_inference.py
+
+# `make mine PIPELINE=sample PROFILE=tiny OUT=mined/sample`: mine a pipeline of pipelines.yaml into shards.
+# Connects to RAY_ADDRESS when set, else starts an embedded local Ray. MINE_ARGS='--set k=v --overwrite'.
+PIPELINE ?= sample
+PROFILE ?=
+MINE_ARGS ?=
+sample-images: ## copy the `sample` pipeline's photos (bundled with scikit-image) into .cache/sample-images
+	$(PY) -m dataengine.inputs sample-images .cache/sample-images
+
+mine: ## mine PIPELINE (default sample) of pipelines.yaml into shards: [PROFILE=tiny|full] [OUT=dir] [MINE_ARGS=...]
+	@if [ "$(PIPELINE)" = sample ]; then $(MAKE) --no-print-directory sample-images tiny-models; fi
+	$(PY) dataengine/run.py --config pipelines.yaml --pipeline $(PIPELINE) $(if $(PROFILE),--profile $(PROFILE)) \
+		$(if $(filter command line,$(origin OUT)),--output $(OUT)) $(MINE_ARGS)
+
+bench-engine: tiny-models ## CPU: images/s of the embedded-Ray data engine vs a sequential loop (256 images, tiny zoo)
+	$(PY) benchmarks/bench_engine.py --images 256

@@ -1,0 +1,184 @@
+"""Trainer benchmarks (CPU, tiny zoo): loader throughput, step-time overhead, and the long "it learns" check.
+
+    python benchmarks/bench_train.py loader   # samples/s at 512 px, 2 workers, vs raw tar read + JPEG decode
+    python benchmarks/bench_train.py step     # trainer step vs a bare diffusers UNet forward+backward
+    python benchmarks/bench_train.py learn    # training/learning_check.py, long version
+    python benchmarks/bench_train.py all
+
+Prints one JSON object per benchmark; docs/benchmarks.md and docs/training.md record the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def zoo() -> Path:
+    from scripts.make_tiny_models import build_zoo, zoo_dir
+
+    return build_zoo(zoo_dir(), quiet=True)
+
+
+def bench_loader(samples: int = 256, workers: int = 2, resolution: int = 512) -> dict:
+    """Loader samples/s (decode + zoom crop + mask aug + subject prep + tokenise) vs raw tar read + JPEG decode."""
+    import io
+
+    from transformers import CLIPTokenizer
+
+    from training.config import DataConfig
+    from training.data import QuadrupletStream, TrainingExampleBuilder, make_dataloader
+    from training.synthetic import write_synthetic_shards
+
+    tokenizer = CLIPTokenizer.from_pretrained(zoo() / "sd-inpainting", subfolder="tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_synthetic_shards(tmp, num_shards=4, samples_per_shard=samples // 4, size=resolution)
+        # Raw: read every member of the same tars and decode the source JPEG (one process).
+        t0 = time.perf_counter()
+        n_raw = 0
+        for path in shards:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    data = tar.extractfile(member).read()
+                    if member.name.endswith(".source.jpg"):
+                        Image.open(io.BytesIO(data)).load()
+                        n_raw += 1
+        raw_rate = n_raw / (time.perf_counter() - t0)
+
+        cfg = DataConfig.model_validate({"shards": shards, "resolution": resolution, "batch_size": 8,
+                                         "num_workers": workers, "resampled": True, "shuffle_buffer": 64})
+        builder = TrainingExampleBuilder(cfg, tokenizer, clip_size=224, refine_size=resolution)
+        loader = iter(make_dataloader(QuadrupletStream(cfg, builder)))
+        next(loader)  # worker start-up is not throughput
+        batches = samples // cfg.batch_size
+        t0 = time.perf_counter()
+        for batch in itertools.islice(loader, batches):
+            assert batch["pixel_values"].shape[-1] == resolution
+        rate = batches * cfg.batch_size / (time.perf_counter() - t0)
+    return {"benchmark": "loader", "resolution": resolution, "workers": workers,
+            "loader_samples_per_s": round(rate, 1), "raw_tar_jpeg_samples_per_s": round(raw_rate, 1),
+            "ratio": round(rate / raw_rate, 3), "cpus": os.cpu_count()}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def bench_step(batch_size: int = 8, resolution: int = 64, repeats: int = 10) -> dict:
+    """Seconds per step: bare UNet fwd+bwd, LAR-Gen model fwd+bwd (stage 1 and 2), the whole trainer step."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from inference.pipeline import LARGenPipeline
+    from training.train import ConditionedDenoiser, compute_loss, freeze_for_stage, step_generator
+
+    torch.manual_seed(0)
+    pipe = LARGenPipeline.from_pretrained(zoo() / "largen-pipeline")
+    model = pipe.model
+    h = resolution // 8
+    b = batch_size
+    noisy, masked = torch.randn(b, 4, h, h), torch.randn(b, 4, h, h)
+    mask = (torch.rand(b, 1, h, h) > 0.5).float()
+    t = torch.randint(0, 1000, (b,))
+    ids = pipe.tokenizer(["a red cup"] * b, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+    clip = torch.randn(b, 3, model.image_encoder.config.image_size, model.image_encoder.config.image_size)
+    target = torch.randn(b, 4, h, h)
+    refine = torch.randn(b, 4, h, h)
+    drop = torch.zeros(b, dtype=torch.bool)
+
+    # Bare diffusers UNet (same weights, default attention, text only), everything trainable.
+    from diffusers import UNet2DConditionModel
+
+    bare = UNet2DConditionModel.from_pretrained(zoo() / "largen-pipeline", subfolder="unet")
+    bare.train()
+
+    def bare_step():
+        out = bare(torch.cat([noisy, mask, masked], 1), t, encoder_hidden_states=text).sample
+        F.mse_loss(out, target).backward()
+
+    freeze_for_stage(model, 1)
+    model.unet.train()
+    stage1 = ConditionedDenoiser(model, beta=1.0, use_refine=False)
+
+    def model_step(denoiser, ref=None):
+        out = denoiser(noisy, t, mask, masked, text, clip, drop, ref)
+        F.mse_loss(out, target).backward()
+
+    # Whole trainer step: VAE + text encoder + model + backward + AdamW.
+    params = [p for _, p in model.trainable_parameters(1)]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = torch.rand(b, 3, resolution, resolution) * 2 - 1
+    batch = {"pixel_values": pixels,
+             "mask": (torch.rand(b, 1, resolution, resolution) > 0.5).float(), "input_ids": ids, "clip_pixels": clip,
+             "refine_pixels": pixels, "drop_image": drop}
+
+    def trainer_step():
+        gen = step_generator(0, 0, 0, 0, torch.device("cpu"))
+        loss = compute_loss(stage1, batch, pipe.vae, pipe.text_encoder, sched, gen, 0.18215, torch.float32,
+                            torch.device("cpu"), stage=1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = {"benchmark": "step", "batch_size": b, "resolution": resolution, "device": "cpu"}
+    result["bare_unet_fwd_bwd_s"] = _time(bare_step, repeats)
+    result["stage1_model_fwd_bwd_s"] = _time(lambda: model_step(stage1), repeats)
+    result["stage1_trainer_step_s"] = _time(trainer_step, repeats)
+    freeze_for_stage(model, 2)
+    stage2 = ConditionedDenoiser(model, beta=0.3, use_refine=True)
+    result["stage2_model_fwd_bwd_s"] = _time(lambda: model_step(stage2, refine), repeats)
+    result["stage1_model_vs_bare"] = round(result["stage1_model_fwd_bwd_s"] / result["bare_unet_fwd_bwd_s"], 3)
+    result["stage1_trainer_vs_bare"] = round(result["stage1_trainer_step_s"] / result["bare_unet_fwd_bwd_s"], 3)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def bench_learn(steps: int, work: str | None) -> dict:
+    """The learning check with the test's settings (16 px, batch 16, lr 2e-3), `steps` long."""
+    from training.learning_check import run_learning_check
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_learning_check(zoo() / "largen-pipeline", work or tmp, steps=steps, resolution=16,
+                                    batch_size=16, learning_rate=2e-3)
+    return {"benchmark": "learn", **report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["loader", "step", "learn", "all"])
+    parser.add_argument("--learn-steps", type=int, default=1000)
+    parser.add_argument("--work", default=None, help="keep the learn check's files here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; the test uses 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    if args.which in ("loader", "all"):
+        print(json.dumps(bench_loader()), flush=True)
+    if args.which in ("step", "all"):
+        print(json.dumps(bench_step()), flush=True)
+    if args.which in ("learn", "all"):
+        print(json.dumps(bench_learn(args.learn_steps, args.work)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

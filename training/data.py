@@ -1,0 +1,455 @@
+"""Stream quadruplet shards (format v1) into training batches: webdataset reading, augmentation, resumable position.
+
+`QuadrupletStream` is a torch `IterableDataset` that yields ready batches. Per worker it reads
+tar shards (local paths, brace patterns, any fsspec URL) with webdataset's tar iterators, either
+resampled with replacement (infinite; the multi-GPU default) or in seeded epochs, splits them
+over nodes (accelerate processes) and DataLoader workers, shuffles through a buffer, decodes each
+sample with `dataengine.schema.decode_sample` (mask stays L, subject stays RGBA) and turns it into
+model inputs: zoom-in crop around the instance, mask augmentation (precise / box / dilated), the
+pipeline's own subject preprocessing (`inference.subject.prepare_subject`), caption tokenisation
+and condition dropout. A broken sample is skipped and counted by reason, never fatal.
+
+Exact resume: every random choice is a function of (seed, stream role, raw position), never of
+wall-clock or worker start order, so a stream restarted with `LoaderState` (how many raw samples
+each worker consumed, and which worker the next batch comes from) yields exactly the batches an
+uninterrupted run would have yielded next. The DataLoader must be built by `make_dataloader`
+(batch_size=None, workers take batches round-robin) and must not be wrapped by
+`accelerator.prepare` (which would re-dispatch the batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+from urllib.parse import urlparse
+
+import cv2
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from dataengine.schema import Quadruplet, decode_sample
+from inference.subject import prepare_subject
+from inference.zoom import crop_with_padding, mask_box, zoom_box
+from training.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+# Skip-counter reasons.
+SKIP_DECODE = "decode"  # a member is missing, does not decode, or breaks the format contract
+SKIP_TAR = "tar"  # the tar stream itself is unreadable (truncated, not a tar, cannot open)
+SKIP_EMPTY_MASK = "empty_mask"  # nothing to inpaint
+SKIP_PREPROCESS = "preprocess"  # anything else that failed while building the model inputs
+
+
+def expand_shards(shards: list[str] | str) -> list[str]:
+    """Expand brace patterns (`{000000..000009}.tar`) and `::`-joined lists into shard URLs.
+
+    Raises:
+        ValueError: nothing is left after expansion.
+    """
+    items = [shards] if isinstance(shards, str) else list(shards)
+    urls = [url for item in items for url in wds.shardlists.expand_urls(item)]
+    if not urls:
+        raise ValueError(f"no shards in {shards!r}")
+    return urls
+
+
+def open_shard(url: str):
+    """Open a shard for streaming: a local path or `file://` directly, any other scheme through fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
+        return open(url[len("file://") :] if url.startswith("file://") else url, "rb")  # noqa: SIM115
+    return fsspec.open(url, "rb").open()
+
+
+@dataclass
+class LoaderState:
+    """Where a stream stands: raw samples consumed per worker role, the next role, skip counts per role.
+
+    Saved in every checkpoint (one per process) so a resumed run continues the exact sequence.
+    """
+
+    num_workers: int = 0
+    cursors: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+    next_role: int = 0
+
+    def update(self, batch: dict[str, Any]) -> None:
+        """Record that `batch` (from `QuadrupletStream`) was consumed."""
+        role = int(batch["__role__"])
+        self.cursors[role] = int(batch["__cursor__"])
+        self.skipped[role] = dict(batch["__skipped__"])
+        self.next_role = (role + 1) % max(1, self.num_workers)
+
+    def skipped_total(self) -> dict[str, int]:
+        """Skip counts by reason, summed over the worker roles of this process."""
+        total: Counter[str] = Counter()
+        for counts in self.skipped.values():
+            total.update(counts)
+        return dict(total)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "cursors": {str(k): v for k, v in self.cursors.items()},
+            "skipped": {str(k): v for k, v in self.skipped.items()},
+            "next_role": self.next_role,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoaderState:
+        return cls(
+            num_workers=int(data["num_workers"]),
+            cursors={int(k): int(v) for k, v in data["cursors"].items()},
+            skipped={int(k): {str(r): int(n) for r, n in v.items()} for k, v in data["skipped"].items()},
+            next_role=int(data["next_role"]),
+        )
+
+
+class NoSamplesError(RuntimeError):
+    """The stream cannot produce a sample: no shards for a worker, or every sample fails."""
+
+
+class EmptyMaskError(ValueError):
+    """A sample's mask has nothing to inpaint (at the source or at the training resolution)."""
+
+
+def augment_mask(mask: np.ndarray, cfg: DataConfig, rng: random.Random) -> tuple[np.ndarray, str]:
+    """Pick the mask the model sees (precise / box / dilated) for a non-empty binary HxW uint8 mask (0/1).
+
+    Returns:
+        (new mask, 0/1 uint8, same shape; the mode name).
+    """
+    modes = ["precise", "box", "dilated"]
+    weights = [cfg.mask.precise, cfg.mask.box, cfg.mask.dilated]
+    mode = rng.choices(modes, weights=weights)[0]
+    if mode == "box":
+        x0, y0, x1, y1 = mask_box(mask, threshold=1)
+        out = np.zeros_like(mask)
+        out[y0:y1, x0:x1] = 1
+        return out, mode
+    if mode == "dilated":
+        radius = max(1, round(rng.uniform(0.25, 1.0) * cfg.mask.max_dilation * mask.shape[0]))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        return cv2.dilate(mask, kernel), mode
+    return mask, mode
+
+
+def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> uint8 (3, H, W); the trainer scales to [-1, 1] on its device (4x less to pass between processes)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> float in [-1, 1] (the VAE's input range); float input is returned as is."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
+
+
+class TrainingExampleBuilder:
+    """Turn one decoded quadruplet into model inputs (tensors), deterministically given an RNG.
+
+    Args:
+        cfg: the data section of the stage config.
+        tokenizer: the pipeline's CLIP tokenizer (captions are padded to its model_max_length).
+        clip_size: the image encoder's input size.
+        refine_size: the RefineNet subject input size in pixels (the training resolution).
+        image_processor: the pipeline's CLIPImageProcessor (normalisation for the image encoder).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, clip_size: int, refine_size: int, image_processor=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.clip_size = clip_size
+        self.refine_size = refine_size
+        self.image_processor = image_processor
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Token ids (model_max_length,) of a caption; "" is the null text condition."""
+        return self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+
+    def __call__(self, q: Quadruplet, rng: random.Random) -> dict[str, Any]:
+        """Build the inputs of one sample.
+
+        Returns:
+            dict with pixel_values (3,R,R) uint8 (`pixels_to_unit_range` makes it [-1,1]), mask
+            (1,R,R) uint8 0/1 (1 = inpaint; the masked image is pixel_values where mask is 0),
+            clip_pixels, refine_pixels (float), input_ids (L,), drop_text, drop_image (bool
+            tensors), mask_mode (str), key (str).
+
+        Raises:
+            EmptyMaskError: the mask is empty (counted as `empty_mask`).
+        """
+        res = self.cfg.resolution
+        mask_np = (np.asarray(q.mask) > 127).astype(np.uint8)
+        try:
+            box = mask_box(mask_np, threshold=1)
+        except ValueError as exn:
+            raise EmptyMaskError(f"sample {q.key}: {exn}") from exn
+        # 1. Zoom-in crop: the instance box scaled by a random factor, made square, resized.
+        w, h = q.source.size
+        if rng.random() < self.cfg.zoom.probability:
+            expansion = rng.uniform(self.cfg.zoom.min_expansion, self.cfg.zoom.max_expansion)
+            crop = zoom_box(box, (w, h), expansion)
+        else:  # the whole image, centred in a square
+            side = max(w, h)
+            x0, y0 = (w - side) // 2, (h - side) // 2
+            crop = (x0, y0, x0 + side, y0 + side)
+        # Bilinear: the crop is mostly upsampled, and this runs for every sample on the loader's CPUs.
+        source = crop_with_padding(q.source, crop, fill=(0, 0, 0)).resize((res, res), Image.BILINEAR)
+        mask_img = crop_with_padding(Image.fromarray(mask_np * 255, mode="L"), crop, fill=0)
+        mask_crop = (np.asarray(mask_img.resize((res, res), Image.NEAREST)) > 127).astype(np.uint8)
+        if mask_crop.sum() == 0:  # a sliver that vanished when resized
+            raise EmptyMaskError(f"sample {q.key}: the mask vanishes at {res}px")
+        # 2. Mask augmentation.
+        mask_aug, mode = augment_mask(mask_crop, self.cfg, rng)
+        pixel_values = _to_uint8_tensor(source)
+        mask_t = torch.from_numpy(mask_aug)[None]
+        # 3. Subject preprocessing: the same function the pipeline uses.
+        subject = prepare_subject(
+            q.subject, clip_size=self.clip_size, refine_size=self.refine_size, image_processor=self.image_processor
+        )
+        # 4. Condition dropout for CFG: exclusive events text / image / both.
+        d = self.cfg.dropout
+        r = rng.random()
+        drop_text = r < d.text or d.text + d.image <= r < d.text + d.image + d.both
+        drop_image = d.text <= r < d.text + d.image + d.both
+        input_ids = self.tokenize("" if drop_text else q.text)
+        return {
+            "pixel_values": pixel_values,
+            "mask": mask_t,
+            "clip_pixels": subject.clip_pixels.float(),
+            "refine_pixels": subject.refine_pixels.float(),
+            "input_ids": input_ids,
+            "drop_text": torch.tensor(drop_text),
+            "drop_image": torch.tensor(drop_image),
+            "mask_mode": mode,
+            "key": q.key,
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep strings as lists."""
+    out: dict[str, Any] = {}
+    for name, value in samples[0].items():
+        values = [s[name] for s in samples]
+        out[name] = torch.stack(values) if isinstance(value, torch.Tensor) else values
+    return out
+
+
+class QuadrupletStream(IterableDataset):
+    """An infinite, resumable stream of training batches from quadruplet shards.
+
+    Args:
+        cfg: the data section (shards, resolution, batch size, shuffle, augmentation, dropout).
+        builder: turns a decoded quadruplet into model inputs.
+        seed: base seed; every random choice derives from it.
+        rank, world_size: this process and the number of processes (node splitting).
+        state: where to resume (None: from the start).
+        shards: override `cfg.shards` (e.g. validation shards).
+
+    Each yielded batch also carries `__role__` (the worker role), `__cursor__` (raw samples that
+    role has consumed) and `__skipped__` (its skip counts by reason), for `LoaderState.update`.
+
+    Raises (when iterated):
+        NoSamplesError: a worker has no shard, or `max_consecutive_failures` samples in a row fail.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        builder: TrainingExampleBuilder,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        state: LoaderState | None = None,
+        shards: list[str] | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.builder = builder
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.urls = expand_shards(shards or cfg.shards)
+        self.state = state or LoaderState(num_workers=max(1, cfg.num_workers))
+
+    # ------------------------------------------------------------------ raw samples
+    def _read_shard(self, url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
+        failed = False
+
+        def on_tar_error(exn: Exception) -> bool:
+            # One event per shard: the rest of a broken tar stream cannot be trusted.
+            nonlocal failed
+            if not failed:
+                skipped[SKIP_TAR] += 1
+                logger.warning("unreadable tar stream %s: %s", url, exn)
+            failed = True
+            return False
+
+        def on_group_error(exn: Exception) -> bool:
+            skipped[SKIP_DECODE] += 1  # e.g. a duplicate member name
+            logger.warning("bad sample in %s: %s", url, exn)
+            return True
+
+        try:
+            stream = open_shard(url)
+        except (OSError, ValueError) as exn:
+            on_tar_error(exn)
+            return
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=on_tar_error)
+            yield from group_by_keys(files, handler=on_group_error)
+        finally:
+            stream.close()
+
+    def _raw_samples(self, role: int, roles: int, skipped: Counter) -> Iterator[dict[str, Any]]:
+        """Infinite raw samples for one global worker role (`role` of `roles` over all processes)."""
+        if self.cfg.resampled:
+            # Shards drawn with replacement, per-role seeded: roles see independent streams.
+            rng = random.Random(f"{self.seed}:shards:{role}")
+            while True:
+                yield from self._read_shard(rng.choice(self.urls), skipped)
+        for epoch in count():
+            order = list(self.urls)
+            random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
+            produced = 0
+            if len(order) >= roles:
+                for url in order[role::roles]:
+                    for sample in self._read_shard(url, skipped):
+                        produced += 1
+                        yield sample
+            else:  # fewer shards than roles: every role reads all, keeps every roles-th sample
+                index = 0
+                for url in order:
+                    for sample in self._read_shard(url, skipped):
+                        if index % roles == role:
+                            produced += 1
+                            yield sample
+                        index += 1
+            if produced == 0:
+                raise NoSamplesError(
+                    f"worker role {role} of {roles} got no sample in a whole epoch over {len(order)} shard(s); "
+                    "use fewer workers/processes, more shards, or data.resampled=true"
+                )
+
+    # ------------------------------------------------------------------ batches
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if num_workers != self.state.num_workers:
+            raise ValueError(
+                f"the stream was set up for {self.state.num_workers} worker(s) but runs with {num_workers}; "
+                "build the DataLoader with make_dataloader"
+            )
+        # Rotate roles so the first batch of a resumed loader comes from the role that was next.
+        role = (worker_id + self.state.next_role) % num_workers
+        global_role = self.rank * num_workers + role
+        roles = self.world_size * num_workers
+        skipped: Counter[str] = Counter(self.state.skipped.get(role, {}))
+        start = self.state.cursors.get(role, 0)
+        shuffle_rng = random.Random(f"{self.seed}:shuffle:{global_role}")
+        raw = self._raw_samples(global_role, roles, skipped)
+        stream = wds.filters._shuffle(
+            raw, bufsize=self.cfg.shuffle_buffer, initial=min(self.cfg.shuffle_initial, self.cfg.shuffle_buffer),
+            rng=shuffle_rng,
+        )
+        batch: list[dict[str, Any]] = []
+        failures = 0
+        for position, raw_sample in enumerate(stream):
+            if position < start:
+                continue  # consumed before the checkpoint: skip without decoding
+            rng = random.Random(f"{self.seed}:sample:{global_role}:{position}")
+            try:
+                quad = decode_sample(raw_sample)
+            except ValueError as exn:
+                failures = self._skip(skipped, SKIP_DECODE, exn, failures)
+                continue
+            try:
+                example = self.builder(quad, rng)
+            except EmptyMaskError as exn:
+                failures = self._skip(skipped, SKIP_EMPTY_MASK, exn, failures)
+                continue
+            except Exception as exn:  # a per-sample failure must not end the run; counted and logged
+                failures = self._skip(skipped, SKIP_PREPROCESS, exn, failures)
+                continue
+            failures = 0
+            batch.append(example)
+            if len(batch) == self.cfg.batch_size:
+                out = collate(batch)
+                out["__role__"] = role
+                out["__cursor__"] = position + 1
+                out["__skipped__"] = dict(skipped)
+                yield out
+                batch = []
+
+    def _skip(self, skipped: Counter, reason: str, exn: Exception, failures: int) -> int:
+        skipped[reason] += 1
+        logger.warning("skipping a sample (%s): %s", reason, exn)
+        failures += 1
+        if failures >= self.cfg.max_consecutive_failures:
+            raise NoSamplesError(
+                f"{failures} samples in a row failed (last: {exn}); skipped so far: {dict(skipped)}"
+            )
+        return failures
+
+
+def make_dataloader(stream: QuadrupletStream) -> DataLoader:
+    """The DataLoader for a `QuadrupletStream`: batches are built in the workers (batch_size=None)."""
+    workers = stream.cfg.num_workers
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def read_quadruplets(shards: list[str], limit: int) -> list[Quadruplet]:
+    """The first `limit` decodable quadruplets of `shards` in order (validation samples; broken ones skipped)."""
+    found: list[Quadruplet] = []
+    for url in expand_shards(shards):
+        try:
+            with open_shard(url) as stream:
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=wds.warn_and_continue)
+                for raw in group_by_keys(files, handler=wds.warn_and_continue):
+                    try:
+                        found.append(decode_sample(raw))
+                    except ValueError as exn:
+                        logger.warning("validation: skipping %s", exn)
+                    if len(found) >= limit:
+                        return found
+        except (OSError, tarfile.TarError) as exn:
+            logger.warning("validation: cannot read %s: %s", url, exn)
+    return found
+
+
+__all__ = [
+    "EmptyMaskError",
+    "LoaderState",
+    "NoSamplesError",
+    "QuadrupletStream",
+    "TrainingExampleBuilder",
+    "augment_mask",
+    "collate",
+    "expand_shards",
+    "make_dataloader",
+    "pixels_to_unit_range",
+    "open_shard",
+    "read_quadruplets",
+]

@@ -1,0 +1,579 @@
+"""The two-stage LAR-Gen trainer (paper 4.4, 6.2) on accelerate: `accelerate launch -m training.train --config ...`.
+
+Stage 1 trains the main UNet with Assign's to_k_ip/to_v_ip (beta = 1; image encoder and
+resampler frozen; no RefineNet). Stage 2 freezes the main UNet, attaches RefineNet (a copy of the
+main UNet, `LARGenModel.add_refine`) and trains its cross-attention layers and the detail MLP
+(beta = 0.3). Loss Eq. 11: MSE between the added noise and the prediction.
+
+Checkpoints (`OUT/checkpoint-{step}`, the last N kept) hold everything for an exact resume: the
+trained weights (safetensors), optimizer, LR scheduler and RNG states (accelerate), the EMA
+weights, the step and each process's data-loader position. Every random draw of a step (timesteps,
+noise, VAE sampling) comes from a generator seeded by (seed, step, micro-step, process), and the
+loader is deterministic in its position, so 2 steps + resume + 2 steps equals 4 steps. The export
+(`OUT/final`) is a folder `LARGenPipeline.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from dataengine.typed_config import ConfigError
+from inference.model import LARGenModel
+from inference.pipeline import LARGenPipeline
+from training.config import TrainConfig, load_train_config
+from training.data import (
+    LoaderState,
+    QuadrupletStream,
+    TrainingExampleBuilder,
+    make_dataloader,
+    pixels_to_unit_range,
+)
+from training.validation import log_validation
+
+logger = logging.getLogger("training")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+TRAINER_STATE = "trainer_state.json"
+EXPORT_DIR = "final"
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps, per-step losses of this run, skip counts, where things are."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    export_dir: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    samples_per_second: float = 0.0
+
+
+class ConditionedDenoiser(nn.Module):
+    """One module whose forward does everything that has gradients: subject encoding, dropout, denoising.
+
+    Keeping the detail encoder inside the (DDP-wrapped) forward lets accelerate synchronise its
+    gradients like any other parameter.
+    """
+
+    def __init__(self, model: LARGenModel, beta: float, use_refine: bool):
+        super().__init__()
+        self.model = model
+        self.beta = beta
+        self.use_refine = use_refine
+
+    def forward(self, noisy_latents, timesteps, mask, masked_latents, text_embeds, clip_pixels, drop_image,
+                refine_latents=None):
+        image_embeds, detail_embeds = self.model.encode_subject(clip_pixels)
+        if drop_image.any():
+            null = self.model.null_image_embeds(image_embeds.shape[0]).to(image_embeds.dtype)
+            image_embeds = torch.where(drop_image[:, None, None], null, image_embeds)
+        return self.model(
+            noisy_latents, timesteps, mask, masked_latents, text_embeds, image_embeds, beta=self.beta,
+            refine_latents=refine_latents if self.use_refine else None,
+            detail_embeds=detail_embeds if self.use_refine else None,
+        )
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-step: a pure function of (seed, step, micro-step, process)."""
+    state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-{step}` folders under `output_dir`, oldest first (half-written `.tmp` ones ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: `latest` (None when there is none yet) or a path.
+
+    Raises:
+        FileNotFoundError: an explicit checkpoint path does not exist.
+    """
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / resume
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: {path} is not a complete checkpoint")
+    return path
+
+
+def load_model(cfg: TrainConfig) -> tuple[LARGenPipeline, LARGenModel]:
+    """Load the pipeline (`model.pretrained`) or build it from its bases (`model.base`), shaped for the stage.
+
+    Stage 1 has no Refine: a RefineNet in the starting pipeline is left out (stage 2 re-copies it
+    from the trained main UNet, paper 4.4). Stage 2 adds RefineNet, copied from the main UNet, and
+    a new detail encoder, unless the pipeline already has them (continuing a stage 2).
+
+    Returns:
+        (pipeline, its model); the pipeline is what the export saves.
+    """
+    if cfg.model.base is not None:
+        b = cfg.model.base
+        pipe = LARGenPipeline.from_base(
+            b.inpaint, b.image_prompt, subfolder=b.subfolder, weight_name=b.weight_name,
+            image_encoder_folder=b.image_encoder, with_refine=False, seed=cfg.optim.seed,
+        )
+    else:
+        pipe = LARGenPipeline.from_pretrained(cfg.model.pretrained)
+    model = LARGenModel.from_pipeline(pipe)
+    if cfg.stage == 1 and model.has_refine:
+        logger.info("stage 1 trains without Refine: leaving out the RefineNet of %s", cfg.model.pretrained)
+        model.unet.set_attn_processor(AttnProcessor2_0())  # drop the Refine injection processors
+        model = LARGenModel(model.unet, model.ip_adapter, model.image_encoder)
+        pipe = LARGenPipeline.from_model(
+            model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.feature_extractor
+        )
+    if cfg.stage == 2 and not model.has_refine:
+        model.add_refine(seed=cfg.optim.seed)  # RefineNet initialised from the (stage-1) main UNet
+        pipe = LARGenPipeline.from_model(
+            model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.feature_extractor
+        )
+    return pipe, model
+
+
+def freeze_for_stage(model: LARGenModel, stage: int) -> list[tuple[str, nn.Parameter]]:
+    """Freeze everything, then unfreeze exactly `model.trainable_parameters(stage)`; return them."""
+    model.requires_grad_(False)
+    trainable = model.trainable_parameters(stage)
+    for _, p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+def _flat(prefix: str, data: Any) -> dict[str, Any]:
+    """Flatten a config for tensorboard hparams (scalars and strings only)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(f"{prefix}.{k}" if prefix else k, v))
+        return out
+    return {prefix: data if isinstance(data, int | float | str | bool) else str(data)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainResult:
+    """Run one training stage to `cfg.optim.max_steps`.
+
+    Args:
+        cfg: the validated stage config.
+        resume_from_checkpoint: `latest`, a checkpoint folder, or None (start fresh).
+
+    Returns:
+        TrainResult (losses of the steps this call ran).
+
+    Raises:
+        ConfigError / FileNotFoundError / ValueError: bad config, missing model or checkpoint.
+    """
+    out_dir = Path(cfg.output.dir)
+    opt = cfg.optim
+    # 1. Accelerator: accumulation, precision, tensorboard, checkpoint folders named by us.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=opt.gradient_accumulation_steps,
+        mixed_precision=opt.mixed_precision,
+        log_with="tensorboard",
+        # Stage 2: the cross-attention of RefineNet's last decoder block never reaches the loss
+        # (only decoder self-attention inputs are injected), so DDP must not wait for its gradients.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.stage == 2)],
+        project_config=ProjectConfiguration(
+            project_dir=str(out_dir), logging_dir=str(out_dir / "logs"), automatic_checkpoint_naming=False
+        ),
+    )
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    set_seed(opt.seed)
+    device = accelerator.device
+
+    # 2. Models: the LAR-Gen model from the pipeline folder, plus the frozen VAE and text encoder.
+    pipe, model = load_model(cfg)
+    vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    trainable = freeze_for_stage(model, cfg.stage)
+    trainable_names = [n for n, _ in trainable]
+    params = [p for _, p in trainable]
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opt.mixed_precision, torch.float32)
+    # Frozen parts run in the mixed-precision dtype; trained parameters stay float32 (autocast).
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    model.to(device)
+    model.image_encoder.to(dtype=weight_dtype)
+    model.image_proj.to(dtype=weight_dtype)
+    model.eval()
+    if cfg.stage == 1:
+        model.unet.train()
+    else:
+        model.refinenet.train()
+        model.detail_encoder.train()
+    if opt.gradient_checkpointing:
+        if cfg.stage == 1:
+            model.unet.enable_gradient_checkpointing()
+        else:
+            # The RefineNet features injected into the main UNet live only during its forward (the
+            # model clears them after), so a checkpointed main UNet would recompute its
+            # self-attention without them in backward: checkpoint RefineNet only.
+            model.refinenet.enable_gradient_checkpointing()
+            logger.info("stage 2: gradient checkpointing on RefineNet only (the main UNet keeps its activations)")
+    denoiser = ConditionedDenoiser(model, beta=cfg.model.beta, use_refine=cfg.stage == 2)
+    ema = EMAModel(params, decay=opt.ema.decay) if opt.ema.enabled else None
+    if ema is not None:
+        ema.to(device)
+
+    # 3. Optimizer and LR schedule (AdamW; the scheduler steps once per process per optimizer step).
+    optimizer = torch.optim.AdamW(
+        params, lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),
+        weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        opt.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=opt.max_steps * accelerator.num_processes,
+    )
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+
+    # 4. Checkpoints hold only what this stage trains (the frozen rest comes from model.pretrained).
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            state = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable}
+            save_file(state, os.path.join(output_dir, TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        state = load_file(os.path.join(input_dir, TRAINABLE_WEIGHTS))
+        if set(state) != set(trainable_names):
+            missing, extra = set(trainable_names) - set(state), set(state) - set(trainable_names)
+            raise ValueError(
+                f"{input_dir}: checkpoint weights do not match stage {cfg.stage}'s trainable parameters "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}); was it written by another stage?"
+            )
+        with torch.no_grad():
+            for name, p in trainable:
+                p.copy_(state[name].to(p.device, p.dtype))
+        while models:
+            models.pop()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    # 5. Resume.
+    global_step = 0
+    loader_state = LoaderState(num_workers=max(1, cfg.data.num_workers))
+    resume_path = resolve_resume(out_dir, resume_from_checkpoint)
+    if resume_path is not None:
+        accelerator.print(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / TRAINER_STATE).read_text())
+        global_step = int(state["step"])
+        loader_file = resume_path / f"loader_state_{accelerator.process_index}.json"
+        saved = LoaderState.from_json(json.loads(loader_file.read_text()))
+        if saved.num_workers == loader_state.num_workers:
+            loader_state = saved
+        else:  # another worker count: positions do not map; continue on a fresh, distinct stream
+            logger.warning("data.num_workers changed (%d -> %d): the data order after resume is not exact",
+                           saved.num_workers, loader_state.num_workers)
+        if ema is not None:
+            ema_state = load_file(str(resume_path / EMA_WEIGHTS))
+            ema.shadow_params = [ema_state[n].to(device) for n in trainable_names]
+            ema.optimization_step = int(state["ema_optimization_step"])
+    elif resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {out_dir}: starting from scratch")
+
+    # 6. Data: each process streams its own split; the loader is not passed to accelerator.prepare.
+    image_size = model.image_encoder.config.image_size
+    builder = TrainingExampleBuilder(
+        cfg.data, tokenizer, clip_size=image_size, refine_size=cfg.data.resolution,
+        image_processor=pipe.feature_extractor,
+    )
+    stream = QuadrupletStream(
+        cfg.data, builder, seed=opt.seed + (global_step if loader_state.cursors == {} and global_step else 0),
+        rank=accelerator.process_index, world_size=accelerator.num_processes, state=loader_state,
+    )
+    batches = iter(make_dataloader(stream))
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(f"largen-stage{cfg.stage}", config=_flat("", cfg.model_dump(mode="json")))
+
+    def save_checkpoint(step: int) -> Path:
+        final = out_dir / f"checkpoint-{step}"
+        tmp = out_dir / f"checkpoint-{step}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        _write_json(tmp / f"loader_state_{accelerator.process_index}.json", loader_state.to_json())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "stage": cfg.stage, "trainable": len(trainable_names)}
+            if ema is not None:
+                save_file({n: t.detach().cpu().contiguous() for n, t in zip(trainable_names, ema.shadow_params)},
+                          str(tmp / EMA_WEIGHTS))
+                state["ema_optimization_step"] = ema.optimization_step
+            _write_json(tmp / TRAINER_STATE, state)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(out_dir)[: -cfg.checkpoint.keep]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    # 7. The training loop.
+    samples_per_step = cfg.data.batch_size * opt.gradient_accumulation_steps * accelerator.num_processes
+    result = TrainResult(step=global_step)
+    progress = tqdm(total=opt.max_steps, initial=global_step, desc=f"stage {cfg.stage}",
+                    disable=not accelerator.is_local_main_process)
+    scaling = vae.config.scaling_factor
+    t_start, steps_timed = time.perf_counter(), 0
+    t_run = t_start
+    while global_step < opt.max_steps:
+        step_loss = torch.zeros((), device=device)
+        for micro in range(opt.gradient_accumulation_steps):
+            batch = next(batches)
+            loader_state.update(batch)
+            gen = step_generator(opt.seed, global_step, micro, accelerator.process_index, device)
+            with accelerator.accumulate(denoiser):
+                loss = compute_loss(denoiser, batch, vae, text_encoder, noise_scheduler, gen, scaling,
+                                    weight_dtype, device, stage=cfg.stage, vae_latents=opt.vae_latents)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / opt.gradient_accumulation_steps
+        global_step += 1
+        steps_timed += 1
+        if ema is not None:
+            ema.step(params)
+        loss_value = accelerator.gather(step_loss[None]).mean().item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"step {global_step}: the loss is {loss_value}; lower optim.learning_rate?")
+        result.losses.append(loss_value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        if global_step % cfg.output.log_every == 0 or global_step == opt.max_steps:
+            elapsed = time.perf_counter() - t_start
+            skipped = loader_state.skipped_total()
+            logs = {"train/loss": loss_value, "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/samples_per_second": samples_per_step * steps_timed / max(elapsed, 1e-9),
+                    **{f"data/skipped_{k}": v for k, v in skipped.items()}}
+            accelerator.log(logs, step=global_step)
+            t_start, steps_timed = time.perf_counter(), 0
+        if global_step % cfg.checkpoint.every == 0 or global_step == opt.max_steps:
+            result.checkpoints.append(str(save_checkpoint(global_step)))
+        if cfg.validation.every and (global_step % cfg.validation.every == 0 or global_step == opt.max_steps):
+            with ema_weights(ema, params):
+                log_validation(cfg, pipe, accelerator, global_step, out_dir)
+    progress.close()
+    total_time = time.perf_counter() - t_run
+    result.samples_per_second = samples_per_step * (global_step - result.step) / max(total_time, 1e-9)
+
+    # 8. Export: a LARGenPipeline folder with the trained (EMA when enabled) weights.
+    result.step = global_step
+    result.skipped = loader_state.skipped_total()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with ema_weights(ema, params):
+            result.export_dir = str(export_pipeline(pipe, out_dir / EXPORT_DIR))
+        _write_json(out_dir / "train_summary.json", {"step": global_step, "skipped": result.skipped,
+                                                     "export": result.export_dir})
+        accelerator.print(f"skipped samples: {result.skipped or 'none'}")
+        accelerator.print(f"exported to {result.export_dir}")
+    accelerator.end_training()
+    return result
+
+
+class ema_weights:  # noqa: N801 - used as a context manager, reads like `with torch.no_grad()`
+    """Swap the EMA weights into the trained parameters for the block (no-op without EMA)."""
+
+    def __init__(self, ema: EMAModel | None, params: list[nn.Parameter]):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.params)
+        return False
+
+
+def compute_loss(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder, noise_scheduler: DDPMScheduler,
+                 gen: torch.Generator, scaling: float, weight_dtype: torch.dtype, device: torch.device,
+                 stage: int, vae_latents: str = "sample") -> torch.Tensor:
+    """Eq. 11 for one micro-batch: || eps - eps_theta([z_t; m*; z_s], t, x_obj, s) ||^2.
+
+    Args:
+        denoiser: the (possibly DDP-wrapped) `ConditionedDenoiser`.
+        gen: the micro-step's generator (timesteps, noise, VAE posterior samples).
+
+    Returns:
+        The scalar loss (float32).
+    """
+    pred, target, _ = predict_noise(denoiser, batch, vae, text_encoder, noise_scheduler, gen, scaling,
+                                    weight_dtype, device, stage, vae_latents)
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def predict_noise(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder, noise_scheduler: DDPMScheduler,
+                  gen: torch.Generator, scaling: float, weight_dtype: torch.dtype, device: torch.device,
+                  stage: int, vae_latents: str = "sample") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode a batch, noise it at random timesteps and predict: (prediction, target, latent mask m*)."""
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        dist = vae.encode(pixels.to(device, weight_dtype)).latent_dist
+        return (dist.mode() if vae_latents == "mode" else dist.sample(generator=gen)) * scaling
+
+    with torch.no_grad():
+        pixel_values = pixels_to_unit_range(batch["pixel_values"].to(device))
+        mask_px = batch["mask"].to(device).float()
+        bsz = pixel_values.shape[0]
+        latents = encode(pixel_values)
+        # SD-inpainting convention (as the pipeline): the masked image is the image with the hole at 0.
+        masked_latents = encode(pixel_values * (1.0 - mask_px))
+        mask = F.interpolate(mask_px.to(weight_dtype), size=latents.shape[-2:])
+        text_embeds = text_encoder(batch["input_ids"].to(device))[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device, generator=gen)
+        noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        refine_latents = None
+        if stage == 2:
+            subject = encode(batch["refine_pixels"])
+            subject_noise = torch.randn(subject.shape, device=device, dtype=subject.dtype, generator=gen)
+            refine_latents = noise_scheduler.add_noise(subject, subject_noise, timesteps)  # same t as the scene
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+    pred = denoiser(noisy, timesteps, mask, masked_latents, text_embeds, batch["clip_pixels"].to(device),
+                    batch["drop_image"].to(device), refine_latents)
+    return pred, target, mask
+
+
+def export_pipeline(pipe: LARGenPipeline, folder: Path) -> Path:
+    """Write `pipe` (with the trained weights) as a LARGenPipeline folder (temp name, then rename)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="training/configs/stage1.yaml or stage2.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.learning_rate=5e-6 (repeatable)")
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help="'latest' (the newest checkpoint-* in output.dir, if any) or a checkpoint folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point. Returns the exit status (2 on a config error)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_train_config(args.config, args.set)
+    except ConfigError as exn:
+        print(f"config error:\n{exn}", file=sys.stderr)
+        return 2
+    train(cfg, resume_from_checkpoint=args.resume_from_checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+@torch.no_grad()
+def evaluation_loss(
+    model: LARGenModel, pipe: LARGenPipeline, batches: list[dict[str, Any]], stage: int, beta: float,
+    seed: int = 1234, shuffle_conditions: bool = False, region: str = "all", vae_latents: str = "mode",
+) -> float:
+    """Mean Eq. 11 loss over fixed batches with fixed noise and timesteps (a diagnostic, no gradients).
+
+    Args:
+        shuffle_conditions: pair every scene with another sample's caption and subject (rolled by
+            one within the batch). A model that uses its conditions scores worse this way.
+        region: "all" (Eq. 11 as trained) or "mask" (only the latents inside m*, where the
+            conditions decide the content).
+
+    Returns:
+        The mean loss.
+
+    Raises:
+        ValueError: unknown region.
+    """
+    if region not in ("all", "mask"):
+        raise ValueError(f"region must be 'all' or 'mask', got {region!r}")
+    device = next(model.parameters()).device
+    denoiser = ConditionedDenoiser(model, beta=beta, use_refine=stage == 2)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    total, weight = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if shuffle_conditions:
+            batch = dict(batch)
+            for name in ("input_ids", "clip_pixels", "refine_pixels", "drop_text", "drop_image"):
+                batch[name] = torch.roll(batch[name], shifts=1, dims=0)
+        gen = step_generator(seed, i, 0, 0, device)
+        pred, target, mask = predict_noise(denoiser, batch, pipe.vae, pipe.text_encoder, scheduler, gen,
+                                           pipe.vae.config.scaling_factor, pipe.vae.dtype, device, stage,
+                                           vae_latents)
+        err = (pred.float() - target.float()) ** 2
+        w = mask.float().expand_as(err) if region == "mask" else torch.ones_like(err)
+        total += float((err * w).sum())
+        weight += float(w.sum())
+    return total / max(weight, 1e-12)
