@@ -194,6 +194,12 @@ class EngineConfig(StrictModel):
 
     backend: Literal["ray", "local"] = "ray"
     seed: int = Field(0, description="torch seed set in every stage before its model runs")
+    layout: Literal["per_stage", "fused"] = Field(
+        "per_stage",
+        description="per_stage: one actor pool per model stage (each stage's resources); fused: one pool "
+        "whose replicas each load every model and run whole shards (`fused` resources)",
+    )
+    fused: Resources = Resources(replicas=2, num_cpus=1.0)
 
 
 class PipelineConfig(StrictModel):

@@ -57,11 +57,18 @@ class StageGroup:
 def stage_groups(cfg: RunConfig) -> list[StageGroup]:
     """The pipeline's Ray steps: one actor pool per model; the stages without a model ride along.
 
+    With `engine.layout: fused`, a single pool instead: every replica holds all the models.
+
     Read/decode shares the tagger's replicas, filter and subject the segmenter's, encode the
     captioner's: every Ray worker imports torch and transformers, so fewer kinds of worker means
     a faster start, and none of these light stages is worth a process of its own.
     """
     p = cfg.pipeline
+    if p.engine.layout == "fused":
+        # Data parallel: each replica runs whole shards through every stage. On a few CPU cores
+        # this avoids time-slicing four model processes per core; on GPUs, one replica per GPU.
+        stages = (ReadStage, TagStage, GroundStage, SegmentStage, FilterStage, SubjectStage, CaptionStage, EncodeStage)
+        return [StageGroup("fused", stages, p.engine.fused)]
     return [
         StageGroup("tag", (ReadStage, TagStage), p.tag.resources),
         StageGroup("ground", (GroundStage,), p.ground.resources),

@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from dataengine import run
-from dataengine.engine import mine
+from dataengine.engine import mine, stage_groups
 from dataengine.schema import KEY_PATTERN, decode_sample
 
 from .conftest import malformed_corpus, tiny_config
@@ -77,6 +77,22 @@ def test_sample_pipeline_on_ray(sample_cfg, reference_run, ray_local, tmp_path):
     assert ds.num_rows == summary.samples
     assert {"source.jpg", "mask.png", "subject.png", "txt", "json"} <= set(ds.column_names)
     assert ds[0]["mask.png"].mode == "L" and ds[0]["subject.png"].mode == "RGBA"
+
+
+def test_fused_layout_writes_the_same_shards(sample_cfg, reference_run, ray_local, tmp_path):
+    """`engine.layout: fused` (one pool, every replica holds all models) changes placement, not bytes."""
+    fused = sample_cfg.model_copy(deep=True)
+    fused.pipeline.engine.layout = "fused"
+    fused.pipeline.engine.fused.replicas = 2
+    fused.pipeline.engine.fused.num_cpus = 0.5
+    assert [g.name for g in stage_groups(fused)] == ["fused"]
+    assert fused.config_hash() == sample_cfg.config_hash()
+    out = tmp_path / "mined"
+    summary = mine(fused, out, backend="ray", progress=False)
+    assert summary.shards_written == 3 and summary.samples > 0
+    for ref in sorted(reference_run.iterdir()):
+        if ref.suffix in (".tar", ".parquet"):
+            assert (out / ref.name).read_bytes() == ref.read_bytes(), ref.name
 
 
 def test_malformed_inputs_get_one_row_each_and_the_run_goes_on(repo_root, tiny_zoo, tmp_path, capsys):
