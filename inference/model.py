@@ -412,6 +412,26 @@ def plain_attention(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel
         unet.set_attn_processor(saved)
 
 
+_DECODER_ATTENTION = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn(\d+)(?:\.|$)")
+
+
+def _decoder_position(name: str) -> tuple[int, ...] | None:
+    """Execution order key (block, attention, transformer block, attn1|attn2) of a decoder attention layer/param."""
+    match = _DECODER_ATTENTION.match(name)
+    return tuple(int(g) for g in match.groups()) if match else None
+
+
+def _runs_before(name: str, last: tuple[int, ...]) -> bool:
+    """Whether the attention layer owning parameter `name` runs before the decoder layer at position `last`.
+
+    `UNet2DConditionModel` runs its encoder and mid block before any decoder block, decoder blocks in
+    index order, and within a transformer block attn1 before attn2; everything that runs earlier
+    feeds the later hidden states (the UNet is one chain plus skip connections).
+    """
+    position = _decoder_position(name)
+    return position is None or position < last
+
+
 class LARGenModel(nn.Module):
     """Locate + Assign (+ Refine): the denoiser shared by `LARGenPipeline` and the trainer.
 
@@ -538,18 +558,30 @@ class LARGenModel(nn.Module):
         """(name, parameter) of exactly what a training stage updates (names as in `named_parameters()`).
 
         Stage 1: every main-UNet parameter, `to_k_ip`/`to_v_ip` included (they live in the UNet's
-        attn2 processors); resampler and image encoder frozen. Stage 2: RefineNet cross-attention
-        (`attn2`) and DetailEncoder parameters only.
+        attn2 processors); resampler and image encoder frozen. Stage 2: DetailEncoder parameters
+        and the RefineNet cross-attention (`attn2`) layers that can reach the main UNet, i.e. those
+        that run before the last captured decoder self-attention input. Later ones (the attn2 of
+        the last captured transformer block, and any after it) cannot affect the output, since the
+        RefineNet pass stops there; they are left out, so every returned parameter gets a gradient
+        (no DDP `find_unused_parameters`).
 
         Raises:
-            ValueError: unknown stage, or stage 2 without Refine attached.
+            ValueError: unknown stage, or stage 2 without Refine attached (or with no decoder
+                self-attention layer to capture, so nothing in RefineNet could be trained).
         """
         if stage == 1:
             return [(f"unet.{n}", p) for n, p in self.unet.named_parameters()]
         if stage == 2:
             if self.refinenet is None or self.detail_encoder is None:
                 raise ValueError("stage 2 trains RefineNet: call add_refine() first")
-            params = [(f"refinenet.{n}", p) for n, p in self.refinenet.named_parameters() if ".attn2." in n]
+            if not self._refine_layers:
+                raise ValueError("stage 2: RefineNet has no decoder self-attention layer, so nothing of it reaches the main UNet")
+            last = _decoder_position(self._refine_layers[-1])
+            params = [
+                (f"refinenet.{n}", p)
+                for n, p in self.refinenet.named_parameters()
+                if ".attn2." in n and _runs_before(n, last)
+            ]
             params += [(f"detail_encoder.{n}", p) for n, p in self.detail_encoder.named_parameters()]
             return params
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -596,7 +628,8 @@ class LARGenModel(nn.Module):
         if image_embeds.ndim != 3 or image_embeds.shape[0] != batch:
             raise ValueError(f"image_embeds must be [{batch}, tokens, dim], got {tuple(image_embeds.shape)}")
         self.ip_adapter.set_scale(self.beta if beta is None else beta)
-        dtype = self.unet.dtype
+        # conv_in's dtype, not `ModelMixin.dtype`: that walks every module on each call (~0.5% of a step).
+        dtype = self.unet.conv_in.weight.dtype
         sample = torch.cat([noisy_latents, mask, masked_image_latents], dim=1).to(dtype)
         context = (text_embeds.to(dtype), [image_embeds.to(dtype)])
 
@@ -620,9 +653,8 @@ class LARGenModel(nn.Module):
             # the pass stops once the last of them is stored (the skipped tail cannot affect them).
             self.bank.stop_after = self._refine_layers[-1] if self._refine_layers else None
             try:
-                self.refinenet(
-                    refine_latents.to(self.refinenet.dtype), ref_t, encoder_hidden_states=detail_embeds.to(self.refinenet.dtype)
-                )
+                ref_dtype = self.refinenet.conv_in.weight.dtype
+                self.refinenet(refine_latents.to(ref_dtype), ref_t, encoder_hidden_states=detail_embeds.to(ref_dtype))
             except RefineCaptured:
                 pass
             finally:

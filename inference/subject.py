@@ -2,7 +2,9 @@
 
 Follows the official release: the subject is composited on white with its mask, cropped to the
 mask's box, padded to a 1.02x white square, then resized twice: for the CLIP image encoder
-(normalised with the encoder's mean/std) and for RefineNet's VAE input (in [-1, 1]).
+(normalised with the encoder's mean/std) and for RefineNet's VAE input (in [-1, 1]). Callers that
+need no RefineNet input (the pipeline without Refine, stage-1 training) pass `refine_size=None`
+and skip that resize.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ class SubjectInputs:
 
     Attributes:
         clip_pixels: float tensor (3, clip_size, clip_size), normalised for the CLIP image encoder.
-        refine_pixels: float tensor (3, refine_size, refine_size) in [-1, 1], the VAE input for RefineNet.
+        refine_pixels: float tensor (3, refine_size, refine_size) in [-1, 1], the VAE input for RefineNet;
+            None when it was not asked for (`refine_size=None`).
         square: the white-padded square RGB image both were resized from (for inspection).
     """
 
     clip_pixels: torch.Tensor
-    refine_pixels: torch.Tensor
+    refine_pixels: torch.Tensor | None
     square: Image.Image
 
 
@@ -62,14 +65,16 @@ def subject_square(subject) -> Image.Image:
         ValueError: the mask is empty.
     """
     image, alpha = _split_subject(subject)
-    ys, xs = np.nonzero(alpha >= MASK_THRESHOLD)
-    if len(xs) == 0:
+    inside = alpha >= MASK_THRESHOLD
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if len(cols) == 0:
         raise ValueError("subject mask is empty (no pixel with alpha/mask >= 128)")
-    a = alpha.astype(np.float32)[..., None] / 255.0
-    rgb = np.asarray(image, dtype=np.float32)
+    x0, y0, x1, y1 = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
+    # Composite only the box that is kept (the same values as compositing everything, then cropping).
+    a = alpha[y0:y1, x0:x1].astype(np.float32)[..., None] / 255.0
+    rgb = np.asarray(image)[y0:y1, x0:x1].astype(np.float32)
     composite = rgb * a + 255.0 * (1.0 - a)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    crop = np.clip(np.rint(composite[y0:y1, x0:x1]), 0, 255).astype(np.uint8)
+    crop = np.clip(np.rint(composite), 0, 255).astype(np.uint8)
     h, w = crop.shape[:2]
     side = max(int(round(max(h, w) * SQUARE_MARGIN)), max(h, w))
     square = Image.new("RGB", (side, side), (255, 255, 255))
@@ -89,7 +94,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def prepare_subject(subject, clip_size: int, refine_size: int, image_processor=None) -> SubjectInputs:
+def prepare_subject(subject, clip_size: int, refine_size: int | None, image_processor=None) -> SubjectInputs:
     """Preprocess a subject for the CLIP image encoder (Assign, Refine's detail encoder) and RefineNet.
 
     Args:
@@ -97,12 +102,13 @@ def prepare_subject(subject, clip_size: int, refine_size: int, image_processor=N
             or a plain RGB image (the whole picture is the subject).
         clip_size: side of the CLIP input (the encoder's `image_size`, 224 for ViT-H).
         refine_size: side of RefineNet's pixel input (the model resolution; the VAE brings it to
-            latent resolution).
+            latent resolution). None: no RefineNet input is built (`refine_pixels` is None), which
+            saves the largest resize when nothing uses it.
         image_processor: the encoder's `CLIPImageProcessor`, for its mean/std; CLIP defaults when None.
 
     Returns:
         SubjectInputs with `clip_pixels` (3, clip_size, clip_size) and `refine_pixels`
-        (3, refine_size, refine_size) in [-1, 1].
+        (3, refine_size, refine_size) in [-1, 1] (None when `refine_size` is None).
 
     Raises:
         TypeError / ValueError: not an image, mask size differs from the image, or empty mask.
@@ -111,5 +117,7 @@ def prepare_subject(subject, clip_size: int, refine_size: int, image_processor=N
     mean, std = _processor_stats(image_processor)
     clip = _to_tensor(square.resize((clip_size, clip_size), Image.Resampling.BICUBIC))
     clip = (clip - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    refine = _to_tensor(square.resize((refine_size, refine_size), Image.Resampling.BICUBIC)) * 2.0 - 1.0
+    refine = None
+    if refine_size is not None:
+        refine = _to_tensor(square.resize((refine_size, refine_size), Image.Resampling.BICUBIC)) * 2.0 - 1.0
     return SubjectInputs(clip_pixels=clip, refine_pixels=refine, square=square)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.optimization import get_scheduler
@@ -214,9 +214,8 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
         gradient_accumulation_steps=opt.gradient_accumulation_steps,
         mixed_precision=opt.mixed_precision,
         log_with="tensorboard",
-        # Stage 2: the cross-attention of RefineNet's last decoder block never reaches the loss
-        # (only decoder self-attention inputs are injected), so DDP must not wait for its gradients.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.stage == 2)],
+        # No find_unused_parameters: every parameter trainable_parameters() returns reaches the loss
+        # (stage 2 leaves out RefineNet's attn2 layers after its last captured decoder input).
         project_config=ProjectConfiguration(
             project_dir=str(out_dir), logging_dir=str(out_dir / "logs"), automatic_checkpoint_naming=False
         ),
@@ -327,7 +326,7 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     image_size = model.image_encoder.config.image_size
     builder = TrainingExampleBuilder(
         cfg.data, tokenizer, clip_size=image_size, refine_size=cfg.data.resolution,
-        image_processor=pipe.feature_extractor,
+        image_processor=pipe.feature_extractor, refine=cfg.stage == 2,  # stage 1 has no RefineNet input
     )
     stream = QuadrupletStream(
         cfg.data, builder, seed=opt.seed + (global_step if loader_state.cursors == {} and global_step else 0),
@@ -567,7 +566,8 @@ def evaluation_loss(
         if shuffle_conditions:
             batch = dict(batch)
             for name in ("input_ids", "clip_pixels", "refine_pixels", "drop_text", "drop_image"):
-                batch[name] = torch.roll(batch[name], shifts=1, dims=0)
+                if name in batch:  # stage-1 batches carry no refine_pixels
+                    batch[name] = torch.roll(batch[name], shifts=1, dims=0)
         gen = step_generator(seed, i, 0, 0, device)
         pred, target, mask = predict_noise(denoiser, batch, pipe.vae, pipe.text_encoder, scheduler, gen,
                                            pipe.vae.config.scaling_factor, pipe.vae.dtype, device, stage,

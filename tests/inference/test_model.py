@@ -209,6 +209,22 @@ def test_trainable_parameters_per_stage(parts):
         model.trainable_parameters(3)
 
 
+def test_stage2_parameters_are_exactly_those_that_reach_the_output(parts):
+    model = _model(parts, refine=True).requires_grad_(False)
+    candidates = {f"refinenet.{n}": p for n, p in model.refinenet.named_parameters() if ".attn2." in n}
+    candidates.update({f"detail_encoder.{n}": p for n, p in model.detail_encoder.named_parameters()})
+    for p in candidates.values():
+        p.requires_grad_(True)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    image_embeds, detail = model.encode_subject(pixels)
+    out = model(**_inputs(batch=2), image_embeds=image_embeds.repeat(2, 1, 1).detach(), beta=0.3,
+                refine_latents=torch.randn(1, 4, 8, 8), detail_embeds=detail)
+    out.square().sum().backward()
+    reached = {n for n, p in candidates.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached == {n for n, _ in model.trainable_parameters(2)}
+    assert reached != set(candidates)  # the last captured block's attn2 is really unreachable
+
+
 def test_detail_encoder_config_round_trip(tmp_path):
     enc = DetailEncoder(in_dim=32, out_dim=48)
     enc.save_pretrained(tmp_path)
