@@ -34,44 +34,114 @@ def zoo() -> Path:
     return build_zoo(zoo_dir(), quiet=True)
 
 
-def bench_loader(samples: int = 256, workers: int = 2, resolution: int = 512) -> dict:
-    """Loader samples/s (decode + zoom crop + mask aug + subject prep + tokenise) vs raw tar read + JPEG decode."""
+def _loader_rate(cfg, builder, samples: int) -> float:
+    """Samples/s of a `make_dataloader` loader over `samples` samples, after its first batch (worker start-up)."""
+    from training.data import QuadrupletStream, make_dataloader
+
+    loader = iter(make_dataloader(QuadrupletStream(cfg, builder)))
+    next(loader)  # worker start-up is not throughput
+    batches = samples // cfg.batch_size
+    t0 = time.perf_counter()
+    for batch in itertools.islice(loader, batches):
+        assert batch["pixel_values"].shape[-1] == cfg.resolution
+    return batches * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def _per_sample_cpu_ms(shard: str, builder, limit: int = 64) -> dict:
+    """CPU ms per sample of decode_sample + the builder in this process (robust to other jobs), and a profile split."""
+    import cProfile
+    import pstats
+    import random
+
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from dataengine.schema import decode_sample
+
+    with open(shard, "rb") as stream:
+        raws = list(itertools.islice(group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])), limit))
+
+    def run():
+        for i, raw in enumerate(raws):
+            builder(decode_sample(raw), random.Random(i))
+
+    run()  # warm-up
+    t0 = time.process_time()
+    run()
+    total = (time.process_time() - t0) * 1000 / len(raws)
+    profile = cProfile.Profile()
+    profile.enable()
+    run()
+    profile.disable()
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+
+    def cum(name_part: str) -> float:
+        return sum(v[3] for k, v in stats.items() if name_part in f"{k[0]}:{k[2]}") * 1000 / len(raws)
+
+    profiled = cum("training/data.py:__call__") + cum("dataengine/schema.py:decode_sample")
+    # Shares of the profiled time (the profiler's overhead inflates it), scaled to the unprofiled total.
+    parts = {
+        "decode_sample (3 images + format checks)": cum("dataengine/schema.py:decode_sample"),
+        "prepare_subject": cum("inference/subject.py:prepare_subject"),
+        "zoom crop + resize (cv2)": cum("training/data.py:_resize_rgb") + cum("training/data.py:_crop_array")
+        + cum("~:<built-in method cv2.resize>"),
+        "augment_mask": cum("training/data.py:augment_mask"),
+        "tokenize": cum("training/data.py:tokenize"),
+    }
+    return {"cpu_ms_per_sample": round(total, 2),
+            "split_ms": {k: round(v / profiled * total, 2) for k, v in parts.items()}}
+
+
+def _raw_rate(shards: list[str]) -> float:
+    """Samples/s of one process reading every member of the tars and decoding each source JPEG."""
     import io
 
+    t0 = time.perf_counter()
+    n_raw = 0
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                if member.name.endswith(".source.jpg"):
+                    Image.open(io.BytesIO(data)).load()
+                    n_raw += 1
+    return n_raw / (time.perf_counter() - t0)
+
+
+def bench_loader(samples: int = 256, workers: int = 2, resolution: int = 512) -> dict:
+    """Loader samples/s (decode + zoom crop + mask aug + subject prep + tokenise) vs raw tar read + JPEG decode.
+
+    Measured in one run, so the ratios hold even when other jobs share the cores: the stage-1
+    loader (no RefineNet subject input), the stage-2 loader (with it), and the raw read; plus the
+    CPU time per sample of the per-sample work in one process.
+    """
     from transformers import CLIPTokenizer
 
     from training.config import DataConfig
-    from training.data import QuadrupletStream, TrainingExampleBuilder, make_dataloader
+    from training.data import TrainingExampleBuilder
     from training.synthetic import write_synthetic_shards
 
     tokenizer = CLIPTokenizer.from_pretrained(zoo() / "sd-inpainting", subfolder="tokenizer")
+    result = {"benchmark": "loader", "resolution": resolution, "workers": workers, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_synthetic_shards(tmp, num_shards=4, samples_per_shard=samples // 4, size=resolution)
-        # Raw: read every member of the same tars and decode the source JPEG (one process).
-        t0 = time.perf_counter()
-        n_raw = 0
-        for path in shards:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    data = tar.extractfile(member).read()
-                    if member.name.endswith(".source.jpg"):
-                        Image.open(io.BytesIO(data)).load()
-                        n_raw += 1
-        raw_rate = n_raw / (time.perf_counter() - t0)
-
         cfg = DataConfig.model_validate({"shards": shards, "resolution": resolution, "batch_size": 8,
                                          "num_workers": workers, "resampled": True, "shuffle_buffer": 64})
-        builder = TrainingExampleBuilder(cfg, tokenizer, clip_size=224, refine_size=resolution)
-        loader = iter(make_dataloader(QuadrupletStream(cfg, builder)))
-        next(loader)  # worker start-up is not throughput
-        batches = samples // cfg.batch_size
-        t0 = time.perf_counter()
-        for batch in itertools.islice(loader, batches):
-            assert batch["pixel_values"].shape[-1] == resolution
-        rate = batches * cfg.batch_size / (time.perf_counter() - t0)
-    return {"benchmark": "loader", "resolution": resolution, "workers": workers,
-            "loader_samples_per_s": round(rate, 1), "raw_tar_jpeg_samples_per_s": round(raw_rate, 1),
-            "ratio": round(rate / raw_rate, 3), "cpus": os.cpu_count()}
+        for stage in (1, 2):
+            # The raw rate right before each loader, so that each ratio compares figures taken under
+            # the same load from other jobs.
+            raw_rate = _raw_rate(shards)
+            builder = TrainingExampleBuilder(cfg, tokenizer, clip_size=224, refine_size=resolution, refine=stage == 2)
+            rate = _loader_rate(cfg, builder, samples)
+            result[f"stage{stage}_raw_tar_jpeg_samples_per_s"] = round(raw_rate, 1)
+            result[f"stage{stage}_loader_samples_per_s"] = round(rate, 1)
+            result[f"stage{stage}_ratio"] = round(rate / raw_rate, 3)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in a DataLoader worker
+            try:
+                result[f"stage{stage}_per_sample"] = _per_sample_cpu_ms(shards[0], builder)
+            finally:
+                torch.set_num_threads(threads)
+    return result
 
 
 def _time(fn, repeats: int) -> float:

@@ -153,3 +153,14 @@ def test_a_stream_of_only_broken_samples_fails_clearly(corrupt_shard, tokenizer,
 
     with pytest.raises(NoSamplesError, match="no sample"):
         take(make_stream([str(path)], tokenizer, resampled=False), 1)
+
+
+def test_stage1_batches_skip_the_refinenet_input_and_keep_the_rest(synthetic_shards, tokenizer):
+    full = take(make_stream(synthetic_shards, tokenizer, batch_size=2), 2)
+    stream = make_stream(synthetic_shards, tokenizer, batch_size=2)
+    stream.builder.refine = False  # what the trainer builds for stage 1
+    stage1 = take(stream, 2)
+    for a, b in zip(full, stage1):
+        assert "refine_pixels" not in b and a["key"] == b["key"]
+        for name in ("pixel_values", "mask", "clip_pixels", "input_ids", "drop_text", "drop_image"):
+            assert torch.equal(a[name], b[name]), name
