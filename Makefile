@@ -86,4 +86,5 @@ mine: ## mine PIPELINE (default sample) of pipelines.yaml into shards: [PROFILE=
 		$(if $(filter command line,$(origin OUT)),--output $(OUT)) $(MINE_ARGS)
 
 bench-engine: tiny-models ## CPU: images/s of the embedded-Ray data engine vs a sequential loop (256 images, tiny zoo)
-	$(PY) benchmarks/bench_engine.py --images 256
+	$(PY) benchmarks/bench_engine.py --images 256 --threads 1
+	$(PY) benchmarks/bench_engine.py --images 256 --threads 1 --images-per-shard 16 --set engine.layout=fused
