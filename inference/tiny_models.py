@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 SEED = 0
 # Model resolution: UNet sample_size 8 latents x VAE factor 8 = 64 px images.
@@ -198,43 +198,6 @@ def build_sd_inpainting(out: Path) -> None:
     tok_src.rmdir()
 
 
-class _PerceiverAttention(nn.Module):
-    """Parameter layout of the original IP-Adapter `PerceiverAttention` (state-dict names only)."""
-
-    def __init__(self, dim: int, dim_head: int, heads: int):
-        super().__init__()
-        inner = dim_head * heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
-    inner = dim * mult
-    return nn.Sequential(
-        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
-    )
-
-
-class _Resampler(nn.Module):
-    """Parameter layout of the original IP-Adapter-Plus `Resampler`, so the keys are the published ones."""
-
-    def __init__(self, dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            [
-                nn.ModuleList([_PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
-                for _ in range(depth)
-            ]
-        )
-
-
 def _randomize_norms(module: nn.Module) -> None:
     # Default LayerNorms are exactly 1/0; perturb them so a loader that drops them is caught.
     for sub in module.modules():
@@ -246,31 +209,23 @@ def _randomize_norms(module: nn.Module) -> None:
 def ip_adapter_state_dict() -> dict[str, torch.Tensor]:
     """The tiny IP-Adapter-Plus weights in the published flat layout (`image_proj.*`, `ip_adapter.*`).
 
-    `ip_adapter.{k}` numbers every processor of `unet.attn_processors` in order, as the original
-    `nn.ModuleList(unet.attn_processors.values())` did; only attn2 (odd k) carry to_k_ip/to_v_ip.
+    Built as the model's own `AssignAdapter` and written with its published-layout converter;
+    diffusers' independent `load_ip_adapter` reading this file back (tests) checks that layout.
     """
-    torch.manual_seed(SEED + 10)
-    resampler = _Resampler(**RESAMPLER_CONFIG)
-    _randomize_norms(resampler)
-    state = {f"image_proj.{k}": v for k, v in resampler.state_dict().items()}
+    from inference.model import AssignAdapter
 
-    unet = _tiny_unet()
-    cross_dim = UNET_CONFIG["cross_attention_dim"]
-    channels = UNET_CONFIG["block_out_channels"]
-    generator = torch.Generator().manual_seed(SEED + 11)
-    for key_id, name in enumerate(unet.attn_processors):
-        if name.endswith("attn1.processor"):
-            continue
-        if name.startswith("mid_block"):
-            hidden = channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
-        else:
-            hidden = channels[int(name[len("down_blocks.")])]
-        for proj in ("to_k_ip", "to_v_ip"):
-            weight = torch.randn(hidden, cross_dim, generator=generator) / cross_dim**0.5
-            state[f"ip_adapter.{key_id}.{proj}.weight"] = weight
-    return {k: v.contiguous() for k, v in state.items()}
+    torch.manual_seed(SEED + 10)
+    adapter = AssignAdapter.for_unet(
+        _tiny_unet(),
+        image_embed_dim=RESAMPLER_CONFIG["embedding_dim"],
+        resampler_dim=RESAMPLER_CONFIG["dim"],
+        resampler_heads=RESAMPLER_CONFIG["heads"],
+        num_tokens=RESAMPLER_CONFIG["num_queries"],
+    )
+    assert adapter.config.resampler_depth == RESAMPLER_CONFIG["depth"]
+    assert adapter.config.resampler_dim_head == RESAMPLER_CONFIG["dim_head"]
+    _randomize_norms(adapter)
+    return adapter.published_state_dict()
 
 
 def build_ip_adapter(out: Path) -> None:
