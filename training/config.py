@@ -90,17 +90,17 @@ class MaskAugConfig(StrictModel):
 
 
 class DropoutConfig(StrictModel):
-    """Condition dropout for classifier-free guidance: per sample, exclusive events."""
+    """Condition dropout for classifier-free guidance (paper 4.5): each condition is dropped independently.
 
-    text: float = Field(0.05, ge=0, le=1, description="drop only the caption")
-    image: float = Field(0.05, ge=0, le=1, description="drop only the subject image")
-    both: float = Field(0.05, ge=0, le=1, description="drop caption and subject image")
+    Per sample, the caption is replaced by the empty text with probability `text` and, independently,
+    the subject by the null image with probability `image`; both are dropped with `text * image`.
+    The defaults (0.2, 0.2) drop each condition in 20 % of samples and both in 4 %, close to the 5 %
+    unconditional share of IP-Adapter's recipe, so the (empty text, null image) branch that CFG
+    subtracts is trained as often as before, while each single-condition mode is trained more.
+    """
 
-    @model_validator(mode="after")
-    def _total(self) -> DropoutConfig:
-        if self.text + self.image + self.both > 1:
-            raise ValueError(f"text + image + both must be <= 1, got {self.text + self.image + self.both:g}")
-        return self
+    text: float = Field(0.2, ge=0, le=1, description="probability of replacing the caption by the empty text")
+    image: float = Field(0.2, ge=0, le=1, description="probability (independent of text) of the null subject image")
 
 
 class DataConfig(StrictModel):

@@ -199,6 +199,11 @@ class TrainingExampleBuilder:
             samples carry no `refine_pixels`, and the largest subject resize is skipped.
     """
 
+    @staticmethod
+    def draw_dropout(dropout, rng) -> tuple[bool, bool]:
+        """(drop_text, drop_image), each drawn independently with its configured probability."""
+        return rng.random() < dropout.text, rng.random() < dropout.image
+
     def __init__(self, cfg: DataConfig, tokenizer, clip_size: int, refine_size: int, image_processor=None,
                  refine: bool = True):
         self.cfg = cfg
@@ -258,11 +263,8 @@ class TrainingExampleBuilder:
             q.subject, clip_size=self.clip_size, refine_size=self.refine_size if self.refine else None,
             image_processor=self.image_processor,
         )
-        # 4. Condition dropout for CFG: exclusive events text / image / both.
-        d = self.cfg.dropout
-        r = rng.random()
-        drop_text = r < d.text or d.text + d.image <= r < d.text + d.image + d.both
-        drop_image = d.text <= r < d.text + d.image + d.both
+        # 4. Condition dropout for CFG (paper 4.5): text and image are dropped independently.
+        drop_text, drop_image = self.draw_dropout(self.cfg.dropout, rng)
         input_ids = self.tokenize("" if drop_text else q.text)
         example = {
             "pixel_values": pixel_values,

@@ -56,7 +56,7 @@ def _batches(shards: list[str], pipe, resolution: int, count: int, batch_size: i
     """`count` fixed batches without augmentation randomness in the conditions (no dropout)."""
     cfg = DataConfig.model_validate({
         "shards": shards, "resolution": resolution, "batch_size": batch_size, "num_workers": 0,
-        "resampled": False, "shuffle_buffer": 1, "dropout": {"text": 0, "image": 0, "both": 0},
+        "resampled": False, "shuffle_buffer": 1, "dropout": {"text": 0, "image": 0},
         **CHECK_AUGMENTATION,
     })
     builder = TrainingExampleBuilder(cfg, pipe.tokenizer, pipe.image_encoder.config.image_size, resolution,

@@ -102,16 +102,32 @@ def test_resume_continues_the_exact_batch_sequence(synthetic_shards, tokenizer):
 
 def test_condition_dropout(synthetic_shards, tokenizer):
     builder_ids = TrainingExampleBuilder(DataConfig(shards=["x"]), tokenizer, 32, 64).tokenize("")
-    text = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 1, "image": 0, "both": 0}), 1)[0]
+    text = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 1, "image": 0}), 1)[0]
     assert text["drop_text"].all() and not text["drop_image"].any()
     assert all(torch.equal(ids, builder_ids) for ids in text["input_ids"])
-    image = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 0, "image": 1, "both": 0}), 1)[0]
+    image = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 0, "image": 1}), 1)[0]
     assert image["drop_image"].all() and not image["drop_text"].any()
     assert not any(torch.equal(ids, builder_ids) for ids in image["input_ids"])
-    both = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 0, "image": 0, "both": 1}), 1)[0]
+    both = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 1, "image": 1}), 1)[0]
     assert both["drop_image"].all() and both["drop_text"].all()
-    none = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 0, "image": 0, "both": 0}), 1)[0]
+    none = take(make_stream(synthetic_shards, tokenizer, batch_size=4, dropout={"text": 0, "image": 0}), 1)[0]
     assert not none["drop_image"].any() and not none["drop_text"].any()
+
+
+def test_condition_dropout_is_independent_per_condition():
+    """Paper 4.5: text and image are dropped independently, so all four combinations occur."""
+    import random
+
+    from training.data import TrainingExampleBuilder as Builder
+
+    cfg = DataConfig(shards=["x"], dropout={"text": 0.5, "image": 0.5})
+    assert cfg.dropout.text == 0.5 and not hasattr(cfg.dropout, "both")
+    rng = random.Random(0)
+    counts = {(t, i): 0 for t in (False, True) for i in (False, True)}
+    for _ in range(4000):
+        counts[Builder.draw_dropout(cfg.dropout, rng)] += 1
+    # Each of the four combinations has probability 0.25; 4000 draws: std ~27, so 900..1100 is > 3.6 sigma.
+    assert all(900 < n < 1100 for n in counts.values()), counts
 
 
 def test_mask_augmentation_modes():

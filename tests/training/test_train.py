@@ -150,15 +150,17 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     stage1 = REPO / "training/configs/stage1.yaml"
     with pytest.raises(ConfigError, match="optim.learning_rat: unknown key"):
         load_train_config(stage1, ["optim.learning_rat=1"])
-    with pytest.raises(ConfigError, match="data.dropout"):
-        load_train_config(stage1, ["data.dropout.text=0.6", "data.dropout.image=0.6"])
+    with pytest.raises(ConfigError, match="data.dropout.text"):
+        load_train_config(stage1, ["data.dropout.text=1.5"])
+    with pytest.raises(ConfigError, match="data.dropout.both: unknown key"):
+        load_train_config(stage1, ["data.dropout.both=0.1"])
     with pytest.raises(ConfigError, match="exactly one of model.pretrained"):
         load_train_config(stage1, ["model.pretrained=/x"])
     with pytest.raises(ConfigError, match="data.resolution"):
         load_train_config(stage1, ["data.resolution=500"])
     cfg = load_train_config(stage1, ["data.shards=/data/{000000..000003}.tar", "optim.learning_rate=5e-6"])
     assert cfg.data.shards == ["/data/{000000..000003}.tar"] and cfg.optim.learning_rate == 5e-6
-    assert cfg.stage == 1 and cfg.model.beta == 1.0 and cfg.data.dropout.text == 0.05
+    assert cfg.stage == 1 and cfg.model.beta == 1.0 and cfg.data.dropout.text == 0.2
     assert load_train_config(REPO / "training/configs/stage2.yaml").model.beta == 0.3
     assert main(["--config", str(stage1), "--set", "stage=3"]) == 2
     assert "stage" in capsys.readouterr().err
