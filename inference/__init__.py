@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from inference.logfilters import silence_pil_fallback_warning
+
+silence_pil_fallback_warning()
+
 _LAZY = {
     "LARGenPipeline": "inference.pipeline",
     "LARGenPipelineOutput": "inference.pipeline",
