@@ -44,11 +44,13 @@ SEED ?= 0
 VAL_FRACTION ?= 0.05
 SAMPLES_PER_SHARD ?= 1000
 SHARD_BYTES ?=
+LICENSE ?=
 shards: ## pack mined folders IN into a dataset release OUT (dedupe, split, reshard, index, card, validate)
 	$(PY) -m dataengine.release --input $(IN) --output $(OUT) --seed $(SEED) --val-fraction $(VAL_FRACTION) \
-		$(if $(SHARD_BYTES),--shard-bytes $(SHARD_BYTES),--samples-per-shard $(SAMPLES_PER_SHARD)) $(RELEASE_ARGS)
+		$(if $(SHARD_BYTES),--shard-bytes $(SHARD_BYTES),--samples-per-shard $(SAMPLES_PER_SHARD)) \
+		$(if $(LICENSE),--license $(LICENSE)) $(RELEASE_ARGS)
 
-# `make train DATA='release/v1/train/{000000..000099}.tar' OUT=runs/largen`: stage 1, then stage 2 from
+# `make train DATA='release/v1/train-{000000..000099}.tar' OUT=runs/largen`: stage 1, then stage 2 from
 # its export; both resume from OUT. Multi-GPU: ACCELERATE_ARGS='--multi_gpu --num_processes 8'.
 ACCELERATE ?= $(VENV)/bin/accelerate
 ACCELERATE_ARGS ?=

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
 
+from dataengine.release_format import OTHER_LICENSE, hub_license
+
 CARD_DIR = "card"
 TOP_TAGS = 25
 # HF split names: the val tars are published as the conventional "validation" split.
@@ -44,7 +46,7 @@ def write_plots(root: Path, table: pa.Table) -> dict[str, str]:
 
     Args:
         root: the release folder.
-        table: the manifest table (`dataengine.release.MANIFEST_SCHEMA`).
+        table: the manifest table (`dataengine.release_format.MANIFEST_SCHEMA`).
 
     Returns:
         plot name -> path relative to `root`.
@@ -119,9 +121,10 @@ def render_card(info: dict[str, Any], plots: dict[str, str]) -> str:
     inputs = info["inputs"]
     params = info["params"]
     data_files = "\n".join(f"  - split: {HF_SPLIT[s]}\n    path: {s}-*.tar" for s in splits)
+    license = params["license"]
     lines = [
         "---",
-        "license: other",
+        f"license: {hub_license(license) if license != OTHER_LICENSE else OTHER_LICENSE}",
         "pretty_name: LAR-Gen quadruplets",
         "task_categories:",
         "- image-to-image",
@@ -214,6 +217,10 @@ def render_card(info: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         "Check a download with `sha256sum -c SHA256SUMS` or `python -m dataengine.validate .`.",
         "",
+        "## License",
+        "",
+        license_text(license),
+        "",
         "## Statistics",
         "",
         f"![top tags]({plots['tags']})",
@@ -242,10 +249,11 @@ def render_card(info: dict[str, Any], plots: dict[str, str]) -> str:
         f"`python -m dataengine.release --input {' '.join(params['inputs'])} --seed {params['seed']} "
         f"--val-fraction {params['val_fraction']} "
         + (
-            f"--samples-per-shard {params['samples_per_shard']}`"
+            f"--samples-per-shard {params['samples_per_shard']}"
             if params["samples_per_shard"] is not None
-            else f"--shard-bytes {params['shard_bytes']}`"
-        ),
+            else f"--shard-bytes {params['shard_bytes']}"
+        )
+        + f" --license {license}`",
         "",
         f"- inputs: {', '.join(f'`{i}`' for i in params['inputs'])}: {inputs['committed_shards']} committed shard(s); "
         f"{len(inputs['uncommitted_shards_skipped'])} uncommitted shard(s) skipped",
@@ -281,6 +289,22 @@ def render_card(info: dict[str, Any], plots: dict[str, str]) -> str:
         ]
         lines += [f"| `{k}` | {_number(v)} |" for k, v in inputs["mining_stats"].items()]
     return "\n".join(lines) + "\n"
+
+
+def license_text(license: str) -> str:
+    """The card's License section: what `--license` declared, and what `other` means."""
+    if license == OTHER_LICENSE:
+        return (
+            "No license was declared for this release (`--license other`). The samples are derived "
+            "from the mined source images (see each sample's `uri`): their terms, and those of the "
+            "models that produced the masks and captions, apply."
+        )
+    return (
+        f"Released under [{license}](https://spdx.org/licenses/{license}.html) (SPDX id, declared "
+        "with `--license` when the release was built). The samples are derived from the mined "
+        "source images (see each sample's `uri`); the builder of the release vouches that their "
+        "terms allow this license."
+    )
 
 
 def _number(v: float) -> str:

@@ -8,7 +8,8 @@ shards only) it writes, into one folder:
 - `manifest.parquet`: one row per sample (key, split, shard, source, tag, caption, box, scores,
   mask area fraction, image sizes);
 - `{split}.index.json`: a wids shard index per split;
-- `release.json`: the parameters and counts of the release (machine-readable);
+- `release.json`: the parameters (license included, from `--license`) and counts of the release
+  (machine-readable; its shape is `dataengine.release_format.ReleaseInfo`);
 - `README.md` + `card/*.png`: the dataset card with plots (`dataengine.card`);
 - `SHA256SUMS`: `sha256sum -c` lines over every other file.
 
@@ -21,20 +22,24 @@ passes, so `--output` never holds a half-written or invalid release.
 Reading is two passes: an index pass reads each input tar's headers plus the small `json`/`txt`
 members and the image headers (to reject broken samples early and fill the manifest), then the
 write pass copies member bytes straight from the input tars by offset; images are never
-re-encoded.
+re-encoded. A damaged sample is left out with its reason and a damaged side file is reported;
+neither stops the release.
+
+Options and inputs are checked before anything is written: a bad one is a `ReleaseError` whose
+one-line message names it, which the command line prints as `... error: ...` with exit status 2.
 
 Usage:
     python -m dataengine.release --input mined/a mined/b --output release/v1 --seed 0 \
-        --val-fraction 0.05 --samples-per-shard 1000
+        --val-fraction 0.05 --samples-per-shard 1000 --license CC-BY-4.0
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -53,6 +58,21 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
 
+from dataengine.release_format import (  # noqa: F401 - re-exported: the release's public names
+    INDEX_KIND,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    OTHER_LICENSE,
+    RELEASE_FORMAT,
+    RELEASE_JSON,
+    SHARD_NAME,
+    SPLITS,
+    SUMS,
+    index_name,
+    normalize_license,
+    shard_name,
+    shown,
+)
 from dataengine.schema import (
     FIELDS,
     KEY_PATTERN,
@@ -67,36 +87,20 @@ from dataengine.schema import (
 
 log = logging.getLogger(__name__)
 
-RELEASE_FORMAT = 1
-SPLITS = ("train", "val")
-MANIFEST = "manifest.parquet"
-SUMS = "SHA256SUMS"
-RELEASE_JSON = "release.json"
 CARD = "README.md"
-INDEX_KIND = "wids-shard-index-v1"
 STATS_SUFFIX = "_stats.json"
 MINED_SHARD = re.compile(r"^\d{6}$")
-SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
 
 # Fixed tar header fields: a release must not depend on who built it, when, or with which umask.
 TAR_MTIME = 0
 TAR_MODE = 0o644
 TAR_FORMAT = tarfile.USTAR_FORMAT  # keys are short and ASCII, so no PAX headers are ever needed
 TAR_BLOCK = 512
+MIN_SHARD_BYTES = 4 * TAR_BLOCK  # one header and data block, and the two end-of-archive blocks
 
 
 class ReleaseError(RuntimeError):
-    """A release cannot be built; the message says which input or option is wrong."""
-
-
-def shard_name(split: str, shard: int) -> str:
-    """`{split}-{shard:06d}.tar`, the name of a release shard."""
-    return f"{split}-{shard:06d}.tar"
-
-
-def index_name(split: str) -> str:
-    """The wids shard index of a split: `{split}.index.json`."""
-    return f"{split}.index.json"
+    """A release cannot be built; the message (one line) says which input or option is wrong."""
 
 
 # --------------------------------------------------------------------------- reading mined folders
@@ -180,23 +184,38 @@ def find_committed_shards(folder: Path) -> tuple[list[Path], list[Path]]:
         (committed tars, uncommitted tars), each sorted by name.
 
     Raises:
-        ReleaseError: the folder does not exist, or a shard is marked complete but its tar is missing.
+        ReleaseError: the folder does not exist, is not a folder or cannot be listed, or a shard
+            is marked complete but its tar is missing or not a readable file.
     """
+    if not folder.exists():
+        raise ReleaseError(f"--input {shown(str(folder))}: does not exist")
     if not folder.is_dir():
-        raise ReleaseError(f"input {str(folder)!r} is not a folder")
+        raise ReleaseError(f"--input {shown(str(folder))}: is a file, not a mined folder")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise ReleaseError(
+            f"--input {shown(str(folder))}: cannot be listed ({exc.strerror or exc})"
+        ) from None
     committed, uncommitted = [], []
-    for stats in sorted(folder.glob(f"*{STATS_SUFFIX}")):
-        stem = stats.name[: -len(STATS_SUFFIX)]
-        if not MINED_SHARD.match(stem):
+    for name in names:
+        if not name.endswith(STATS_SUFFIX) or not MINED_SHARD.match(name[: -len(STATS_SUFFIX)]):
             continue
-        tar = folder / f"{stem}.tar"
+        tar = folder / f"{name[: -len(STATS_SUFFIX)]}.tar"
+        if not tar.exists():
+            raise ReleaseError(
+                f"--input {shown(str(folder))}: {name} marks the shard complete but {tar.name} is missing"
+            )
         if not tar.is_file():
-            raise ReleaseError(f"{stats}: the shard is marked complete but {tar.name} is missing")
+            kind = "a folder" if tar.is_dir() else "not a regular file"
+            raise ReleaseError(f"--input {shown(str(folder))}: {tar.name} is {kind}, not a tar file")
+        if not os.access(tar, os.R_OK):
+            raise ReleaseError(f"--input {shown(str(folder))}: {tar.name} is not readable (permissions)")
         committed.append(tar)
-    names = {t.name for t in committed}
-    for tar in sorted(folder.glob("*.tar")):
-        if MINED_SHARD.match(tar.stem) and tar.name not in names:
-            uncommitted.append(tar)
+    done = {t.name for t in committed}
+    for name in names:
+        if name.endswith(".tar") and MINED_SHARD.match(name[:-4]) and name not in done:
+            uncommitted.append(folder / name)
     return committed, uncommitted
 
 
@@ -208,7 +227,7 @@ def _image_header(m: MemberRef, read: Any) -> Image.Image:
     if m.size > HEADER_PREFIX:
         try:
             return Image.open(io.BytesIO(read(m, HEADER_PREFIX)))
-        except (OSError, SyntaxError):
+        except (OSError, SyntaxError, ValueError):
             pass  # e.g. a JPEG whose EXIF/ICC segments push the frame header past the prefix
     return Image.open(io.BytesIO(read(m)))
 
@@ -229,16 +248,22 @@ def _check_sample(
     if missing:
         raise SampleRejected("missing field", ", ".join(missing))
     if not KEY_PATTERN.match(key):
-        raise SampleRejected("malformed key", f"{key!r} is not '{{source_id}}-{{instance:03d}}'")
+        raise SampleRejected("malformed key", f"{shown(key)} is not '{{source_id}}-{{instance:03d}}'")
     try:
         meta = SampleMeta.model_validate_json(read(members[META]))
     except ValidationError as exc:
         err = exc.errors()[0]
         raise SampleRejected(
-            "bad json", f"{'.'.join(map(str, err['loc'])) or 'document'}: {err['msg']}"
+            "bad json", f"{'.'.join(map(str, err['loc'])) or 'document'}: {shown(err['msg'])}"
         ) from None
+    for name in ("box_score", "text_score", "mask_score", "box_xyxy"):
+        value = getattr(meta, name)
+        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise SampleRejected("bad json", f"{name}: not a finite number")
     if f"{meta.source_id}-{meta.instance:03d}" != key:
-        raise SampleRejected("key differs from json", f"json says {meta.source_id}-{meta.instance:03d}")
+        raise SampleRejected(
+            "key differs from json", f"json says {shown(meta.source_id)}-{meta.instance:03d}"
+        )
     try:
         caption = read(members[TEXT]).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -249,8 +274,8 @@ def _check_sample(
         source = _image_header(members[SOURCE], read)
         mask = _image_header(members[MASK], read)
         subject = _image_header(members[SUBJECT], read)
-    except (OSError, SyntaxError) as exc:
-        raise SampleRejected("image does not open", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise SampleRejected("image does not open", shown(str(exc))) from None
     if source.mode != "RGB":
         raise SampleRejected("wrong source mode", f"{source.mode}, expected RGB")
     if source.size != (meta.width, meta.height):
@@ -267,15 +292,24 @@ def _check_sample(
 NOT_COUNTERS = {"format_version", "schema_version", "shard", "index"}
 
 
-def _sum_numbers(node: Any, prefix: str, out: dict[str, float]) -> None:
-    """Add every numeric leaf of a nested stats mapping into `out` under its dotted key (counters, seconds)."""
+def _sum_numbers(node: Any, prefix: str, out: dict[str, float]) -> list[str]:
+    """Add every numeric leaf of a nested stats mapping into `out` under its dotted key (counters, seconds).
+
+    Returns:
+        the dotted keys of leaves that are numbers but not finite (left out: `release.json` must
+        stay standard JSON).
+    """
+    bad: list[str] = []
     if isinstance(node, dict):
         for k, v in node.items():
             if not prefix and k in NOT_COUNTERS:
                 continue
-            _sum_numbers(v, f"{prefix}.{k}" if prefix else str(k), out)
+            bad += _sum_numbers(v, f"{prefix}.{k}" if prefix else str(k), out)
     elif isinstance(node, int | float) and not isinstance(node, bool):
+        if not math.isfinite(node):
+            return [prefix]
         out[prefix] = out.get(prefix, 0) + node
+    return bad
 
 
 def scan_inputs(inputs: Sequence[str | Path]) -> InputScan:
@@ -299,14 +333,15 @@ def scan_inputs(inputs: Sequence[str | Path]) -> InputScan:
         committed, uncommitted = find_committed_shards(folder)
         if not committed:
             raise ReleaseError(
-                f"input {str(folder)!r} holds no committed shard (no {{shard:06d}}{STATS_SUFFIX}); is it a mined folder?"
+                f"--input {shown(str(folder))}: holds no committed shard (no {{shard:06d}}{STATS_SUFFIX}); "
+                "is it a mined folder?"
             )
-        scan.inputs.append(folder.name)
+        scan.inputs.append(shown(folder.name))
         scan.committed_shards += len(committed)
-        scan.uncommitted += [f"{folder.name}/{t.name}" for t in uncommitted]
+        scan.uncommitted += [shown(f"{folder.name}/{t.name}") for t in uncommitted]
         for tar in committed:
             _read_shard_side_files(tar, scan)
-            for ref in _scan_tar(tar, f"{folder.name}/{tar.name}", scan):
+            for ref in _scan_tar(tar, shown(f"{folder.name}/{tar.name}"), scan):
                 first = seen.get(ref.key)
                 if first is None:
                     seen[ref.key] = ref
@@ -322,18 +357,35 @@ def scan_inputs(inputs: Sequence[str | Path]) -> InputScan:
 
 def _read_shard_side_files(tar: Path, scan: InputScan) -> None:
     """Sum the mining stats and per-image statuses of a committed shard into the scan (for the card)."""
+    where = shown(tar.parent.name)
     stats_path = tar.with_name(f"{tar.stem}{STATS_SUFFIX}")
     try:
-        _sum_numbers(json.loads(stats_path.read_text(encoding="utf-8")), "", scan.mining_stats)
+        stats = json.loads(stats_path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:
-        scan.input_errors.append(f"{tar.parent.name}/{stats_path.name}: unreadable stats ({exc})")
+        stats = None
+        scan.input_errors.append(f"{where}/{stats_path.name}: unreadable stats ({shown(str(exc))})")
+    if stats is not None and not isinstance(stats, dict):
+        scan.input_errors.append(f"{where}/{stats_path.name}: not a JSON object")
+    elif stats is not None:
+        for key in _sum_numbers(stats, "", scan.mining_stats):
+            scan.input_errors.append(f"{where}/{stats_path.name}: {shown(key)} is not a finite number")
     table = tar.with_suffix(".parquet")
-    if table.is_file():
+    if table.is_symlink() or table.exists():
+        if not table.is_file():
+            scan.input_errors.append(f"{where}/{table.name}: not a regular file")
+            return
         try:
-            status = pq.read_table(table, columns=["status"]).column("status").to_pylist()
-            scan.image_status.update(str(s) for s in status)
+            column = pq.read_table(table, columns=["status"]).column("status")
         except (OSError, KeyError, pa.ArrowException) as exc:
-            scan.input_errors.append(f"{tar.parent.name}/{table.name}: unreadable ({exc})")
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            scan.input_errors.append(f"{where}/{table.name}: unreadable ({shown(first)})")
+            return
+        if not pa.types.is_string(column.type):
+            scan.input_errors.append(f"{where}/{table.name}: column status is {column.type}, expected string")
+            return
+        if column.null_count:
+            scan.input_errors.append(f"{where}/{table.name}: column status has {column.null_count} null(s)")
+        scan.image_status.update(s for s in column.to_pylist() if s is not None)
 
 
 def _tar_number(field: bytes) -> int:
@@ -354,7 +406,8 @@ def tar_members(fh: BinaryIO) -> Iterable[tuple[str, int, int]]:
     devices, sparse files) is skipped like a directory.
 
     Raises:
-        tarfile.ReadError: a header's checksum is wrong or the file ends inside a header.
+        tarfile.ReadError: a header's checksum is wrong or unreadable, or the file ends inside a
+            header or without an end-of-archive block.
     """
     pax: dict[str, str] = {}
     long_name: str | None = None
@@ -365,26 +418,42 @@ def tar_members(fh: BinaryIO) -> Iterable[tuple[str, int, int]]:
         if len(header) < TAR_BLOCK:
             if header.strip(b"\0"):
                 raise tarfile.ReadError(f"the file ends inside a header at byte {offset}")
-            return  # no end-of-archive blocks (a tar cut at a member boundary): stop here
+            if offset == 0:
+                return  # an empty file: no member
+            # Every tar writer ends with zero blocks; a file cut at a member boundary has none,
+            # and its last sample may have lost fields.
+            raise tarfile.ReadError(f"the file ends at byte {offset} without an end-of-archive block")
         if header == bytes(TAR_BLOCK):
             return  # end of archive
-        stored = _tar_number(header[148:156])
+        try:
+            stored = _tar_number(header[148:156])
+        except ValueError:
+            raise tarfile.ReadError(f"not a tar header at byte {offset}") from None
         if stored != sum(header[:148]) + sum(header[156:]) + 8 * 32:
             raise tarfile.ReadError(f"bad header checksum at byte {offset}")
         kind = header[156:157]
-        size = _tar_number(header[124:136])
+        try:
+            size = _tar_number(header[124:136])
+        except ValueError:
+            raise tarfile.ReadError(f"bad size field in the header at byte {offset}") from None
         data = offset + TAR_BLOCK
         offset = data + -(-size // TAR_BLOCK) * TAR_BLOCK
         if kind in (b"x", b"L", b"g"):
             fh.seek(data)
             payload = fh.read(size)
             if kind == b"x":
-                pax = _pax_records(payload)
+                try:
+                    pax = _pax_records(payload)
+                except ValueError:
+                    raise tarfile.ReadError(f"bad PAX header at byte {data - TAR_BLOCK}") from None
             elif kind == b"L":
                 long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
         if "size" in pax:
-            size = int(pax["size"])
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                raise tarfile.ReadError(f"bad PAX size {pax['size']!r} before byte {data}") from None
             offset = data + -(-size // TAR_BLOCK) * TAR_BLOCK
         name = pax.get("path") or long_name
         if name is None:
@@ -416,7 +485,11 @@ def _pax_records(payload: bytes) -> dict[str, str]:
 
 def _scan_tar(tar: Path, where: str, scan: InputScan) -> Iterable[SampleRef]:
     """Yield the good samples of one input tar; record rejected samples and a corrupt tail."""
-    with open(tar, "rb") as fh:
+    try:
+        fh = open(tar, "rb")  # noqa: SIM115 - closed by the with below; the open itself may fail
+    except OSError as exc:
+        raise ReleaseError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    with fh:
 
         def read(m: MemberRef, limit: int | None = None) -> bytes:
             fh.seek(m.offset)
@@ -435,12 +508,12 @@ def _scan_tar(tar: Path, where: str, scan: InputScan) -> Iterable[SampleRef]:
         except (tarfile.TarError, OSError) as exc:
             # A committed shard should never be truncated; keep what precedes the damage, say so.
             scan.input_errors.append(
-                f"{where}: corrupt or truncated tar after {len(groups)} sample(s): {exc}"
+                f"{where}: corrupt or truncated tar after {len(groups)} sample(s): {shown(str(exc))}"
             )
             if groups:
                 dropped = groups.pop()  # the last sample may be cut short
                 scan.rejected.append(
-                    Rejection(where, dropped[0], "corrupt tar", "cut short by the corrupt tar")
+                    Rejection(where, shown(dropped[0]), "corrupt tar", "cut short by the corrupt tar")
                 )
         file_size = os.fstat(fh.fileno()).st_size
         for key, members in groups:
@@ -452,7 +525,7 @@ def _scan_tar(tar: Path, where: str, scan: InputScan) -> Iterable[SampleRef]:
                     )
                 meta, caption, subject_size = _check_sample(key, members, read)
             except SampleRejected as exc:
-                scan.rejected.append(Rejection(where, key, exc.kind, str(exc)))
+                scan.rejected.append(Rejection(where, shown(key), exc.kind, str(exc)))
                 continue
             ordered = tuple(members[f] for f in FIELDS)
             yield SampleRef(
@@ -612,34 +685,6 @@ def write_shard(path: Path, refs: Sequence[SampleRef], files: InputFiles) -> str
     return out.sha.hexdigest()
 
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("split", pa.string()),
-        ("shard", pa.string()),
-        ("index_in_shard", pa.int32()),
-        ("source_id", pa.string()),
-        ("instance", pa.int32()),
-        ("tag", pa.string()),
-        ("caption", pa.string()),
-        ("box_xyxy", pa.list_(pa.float64(), 4)),
-        ("box_score", pa.float64()),
-        ("text_score", pa.float64()),
-        ("mask_score", pa.float64()),
-        ("mask_area_frac", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("subject_width", pa.int32()),
-        ("subject_height", pa.int32()),
-        ("nbytes", pa.int64()),
-        ("uri", pa.string()),
-        ("pipeline", pa.string()),
-        ("config_hash", pa.string()),
-        ("mined_shard", pa.string()),
-    ]
-)
-
-
 def manifest_table(plan: dict[str, list[list[SampleRef]]]) -> pa.Table:
     """The manifest: one row per sample, in release order (split, shard, position)."""
     rows: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
@@ -712,6 +757,75 @@ class ReleaseSummary:
     duplicates: int
 
 
+def check_options(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    seed: int,
+    val_fraction: float,
+    samples_per_shard: int | None,
+    shard_bytes: int | None,
+    overwrite: bool,
+    license: str,
+) -> tuple[Path, str]:
+    """Check a release's options and its output folder before anything is read or written.
+
+    Returns:
+        (the output folder as an absolute path, the canonical license).
+
+    Raises:
+        ReleaseError: one line naming the option and what is wrong with it.
+    """
+    if (samples_per_shard is None) == (shard_bytes is None):
+        raise ReleaseError("give exactly one of --samples-per-shard and --shard-bytes")
+    if samples_per_shard is not None and (isinstance(samples_per_shard, bool) or samples_per_shard < 1):
+        raise ReleaseError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if shard_bytes is not None and shard_bytes < MIN_SHARD_BYTES:
+        raise ReleaseError(f"--shard-bytes must be >= {MIN_SHARD_BYTES}, got {shard_bytes}")
+    if not (isinstance(val_fraction, int | float) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
+        raise ReleaseError(f"--val-fraction must be a number in [0, 1), got {val_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ReleaseError(f"--seed must be an integer >= 0, got {seed!r}")
+    try:
+        license = normalize_license(license)
+    except ValueError as exc:
+        raise ReleaseError(f"--license: {exc}") from None
+    if not inputs:
+        raise ReleaseError("give at least one --input folder")
+    given = str(output)
+    output = Path(os.path.abspath(output))
+    for folder in inputs:
+        folder = Path(os.path.abspath(folder))
+        if output == folder or output.is_relative_to(folder):
+            raise ReleaseError(
+                f"--output {shown(given)}: is inside --input {shown(str(folder))}; write the release elsewhere"
+            )
+        if folder.is_relative_to(output):
+            raise ReleaseError(
+                f"--input {shown(str(folder))}: is inside --output {shown(given)}; write the release elsewhere"
+            )
+    if output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise ReleaseError(f"--output {shown(given)}: exists and is not a folder; give a new folder name")
+        if not overwrite:
+            raise ReleaseError(f"--output {shown(given)}: exists; pass --overwrite to replace it")
+        if not (output / RELEASE_JSON).is_file() and any(output.iterdir()):
+            raise ReleaseError(
+                f"--output {shown(given)}: exists and is not a release (no {RELEASE_JSON}); "
+                "refusing to replace it, even with --overwrite"
+            )
+    ancestor = output.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ReleaseError(f"--output {shown(given)}: {shown(str(ancestor))} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ReleaseError(
+            f"--output {shown(given)}: cannot write in {shown(str(ancestor))} (permission denied)"
+        )
+    return output, license
+
+
 def build_release(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -725,6 +839,7 @@ def build_release(
     card: bool = True,
     workers: int = 1,
     progress: bool = False,
+    license: str = OTHER_LICENSE,
 ) -> ReleaseSummary:
     """Build a release from mined folders into `output` (see the module docstring).
 
@@ -740,27 +855,28 @@ def build_release(
         card: write the dataset card and its plots.
         workers: processes for validation.
         progress: show tqdm progress bars.
+        license: the release's license, an SPDX id (`CC-BY-4.0`) or `other` (none declared):
+            written to `release.json` (`params.license`) and the card's front matter.
 
     Returns:
         a `ReleaseSummary`.
 
     Raises:
         ReleaseError: a bad option or input, no sample left, or the new release failed validation
-            (it is then left in a `.failed` folder beside `output` for inspection).
+            (it is then left in a `.failed` folder beside `output` for inspection; the exception's
+            `report` attribute holds the `ValidationReport`).
+        OSError: writing failed (e.g. the disk is full); nothing is left behind but `output` as it was.
     """
-    if (samples_per_shard is None) == (shard_bytes is None):
-        raise ReleaseError("give exactly one of samples_per_shard and shard_bytes")
-    if samples_per_shard is not None and samples_per_shard < 1:
-        raise ReleaseError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if shard_bytes is not None and shard_bytes < 4 * TAR_BLOCK:
-        raise ReleaseError(f"shard_bytes must be >= {4 * TAR_BLOCK}, got {shard_bytes}")
-    if not 0 <= val_fraction < 1:
-        raise ReleaseError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if not inputs:
-        raise ReleaseError("give at least one input folder")
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ReleaseError(f"output {str(output)!r} exists; pass --overwrite to replace it")
+    output, license = check_options(
+        inputs,
+        output,
+        seed=seed,
+        val_fraction=val_fraction,
+        samples_per_shard=samples_per_shard,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        license=license,
+    )
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -783,11 +899,45 @@ def build_release(
     if scan.rejected:
         log.warning("%d sample(s) rejected (reasons in release.json)", len(scan.rejected))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReleaseError(
+            f"--output {shown(str(output))}: cannot create its parent ({exc.strerror or exc})"
+        ) from None
     tmp = output.with_name(f".{output.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)  # a previous killed release of this same output
     tmp.mkdir()
+    try:
+        summary = _write_release(
+            scan, plan, tmp, output, seconds, seed, val_fraction, samples_per_shard, shard_bytes,
+            overwrite, validate, card, workers, progress, license,
+        )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written release behind
+        raise
+    return summary
+
+
+def _write_release(
+    scan: InputScan,
+    plan: dict[str, list[list[SampleRef]]],
+    tmp: Path,
+    output: Path,
+    seconds: dict[str, float],
+    seed: int,
+    val_fraction: float,
+    samples_per_shard: int | None,
+    shard_bytes: int | None,
+    overwrite: bool,
+    validate: bool,
+    card: bool,
+    workers: int,
+    progress: bool,
+    license: str,
+) -> ReleaseSummary:
+    """Write the planned release into `tmp`, validate it, and move it to `output` (build_release's second half)."""
 
     t0 = time.perf_counter()
     sums: dict[str, str] = {}
@@ -829,6 +979,7 @@ def build_release(
         val_fraction=val_fraction,
         samples_per_shard=samples_per_shard,
         shard_bytes=shard_bytes,
+        license=license,
     )
     write_json(info, tmp / RELEASE_JSON)
     seconds["manifest"] = time.perf_counter() - t0
@@ -856,9 +1007,13 @@ def build_release(
                 shutil.rmtree(failed)
             tmp.rename(failed)
             report.root = failed
-            raise ReleaseError(
-                f"the new release does not validate; left at {failed} for inspection:\n{report.text()}"
+            error = ReleaseError(
+                f"the new release does not validate ({len(report.errors)} problem(s), first: "
+                f"{report.errors[0]}); it is left at {failed} for inspection "
+                f"(python -m dataengine.validate {failed})"
             )
+            error.report = report  # type: ignore[attr-defined]
+            raise error
 
     if output.exists():
         old = output.with_name(f".{output.name}.old")
@@ -904,8 +1059,12 @@ def release_info(
     val_fraction: float,
     samples_per_shard: int | None,
     shard_bytes: int | None,
+    license: str = OTHER_LICENSE,
 ) -> dict[str, Any]:
-    """The machine-readable description of a release (`release.json`), also the card's data."""
+    """The machine-readable description of a release (`release.json`), also the card's data.
+
+    Its shape is `dataengine.release_format.ReleaseInfo`, which `dataengine.validate` checks.
+    """
     kept = [ref for shards in plan.values() for refs in shards for ref in refs]
     provenance: Counter = Counter()
     for ref in kept:
@@ -926,6 +1085,7 @@ def release_info(
             "val_fraction": val_fraction,
             "samples_per_shard": samples_per_shard,
             "shard_bytes": shard_bytes,
+            "license": license,
         },
         "counts": {
             "samples": {s: sum(len(r) for r in shards) for s, shards in plan.items()},
@@ -960,9 +1120,23 @@ def release_info(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `python -m dataengine.release` command line; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dataengine.release",
+    """The `python -m dataengine.release` command line; returns the exit status.
+
+    0: written; 2: a bad option or input, or the new release did not validate (one `error:`
+    line on stderr, naming the option or file); 1: writing failed (e.g. disk full).
+    """
+    from dataengine.release_cli import (
+        OneLineErrorParser,
+        byte_size,
+        fail,
+        fraction,
+        non_negative_int,
+        positive_int,
+    )
+
+    prog = "python -m dataengine.release"
+    parser = OneLineErrorParser(
+        prog=prog,
         description="Pack mined quadruplet shards into a dataset release: dedupe, split by source, "
         "shuffle, reshard, manifest, wids index, checksums, dataset card, validation.",
     )
@@ -979,16 +1153,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="the release folder (must not exist unless --overwrite)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="split and shuffle seed (default 0)")
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=fraction,
         default=0.05,
-        help="expected fraction of source images in val (default 0.05)",
+        help="expected fraction of source images in val, in [0, 1) (default 0.05)",
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, help="samples per shard (default 1000)")
-    size.add_argument("--shard-bytes", type=_parse_bytes, help="most bytes per shard instead, e.g. 512MB")
+    size.add_argument("--samples-per-shard", type=positive_int, help="samples per shard (default 1000)")
+    size.add_argument(
+        "--shard-bytes",
+        type=lambda text: byte_size(text, minimum=MIN_SHARD_BYTES),
+        help=f"most bytes per shard instead, e.g. 512MB (at least {MIN_SHARD_BYTES})",
+    )
+    parser.add_argument(
+        "--license",
+        default=OTHER_LICENSE,
+        metavar="SPDX",
+        help="the release's license: an SPDX id such as CC-BY-4.0, or 'other' (default: other, "
+        "no license declared); written to release.json and the dataset card",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing release (after the new one validated)"
     )
@@ -996,9 +1181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-validate", action="store_true", help="skip the final `dataengine.validate` pass"
     )
     parser.add_argument(
-        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for validation"
+        "--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="processes for validation"
     )
     args = parser.parse_args(argv)
+    try:
+        args.license = normalize_license(args.license)
+    except ValueError as exc:
+        parser.error(f"argument --license: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = build_release(
@@ -1012,35 +1201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate=not args.no_validate,
             workers=args.workers,
             progress=sys.stderr.isatty(),
+            license=args.license,
         )
     except ReleaseError as exc:
-        print(f"release failed: {exc}", file=sys.stderr)
+        return fail(prog, str(exc))
+    except OSError as exc:
+        fail(prog, f"writing the release failed, nothing was published: {exc}")
         return 1
     counts = ", ".join(f"{s} {n} samples in {summary.shards[s]} shards" for s, n in summary.counts.items())
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items())
     print(
-        f"release written to {summary.output}: {counts}; {summary.duplicates} duplicates dropped, {summary.rejected} rejected ({timing})"
+        f"release written to {args.output}: {counts}; {summary.duplicates} duplicates dropped, "
+        f"{summary.rejected} rejected ({timing})"
     )
     return 0
-
-
-def _parse_bytes(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500000000, 512MB, 1GiB)")
-    unit = (match.group(2) or "").upper().rstrip("B")
-    scale = {
-        "": 1,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
-        "KI": 2**10,
-        "MI": 2**20,
-        "GI": 2**30,
-        "TI": 2**40,
-    }
-    return int(float(match.group(1)) * scale[unit])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Format-v1 mined folders for the release tests, written directly (not by the engine).
 
-The folders look like the engine's output (DESIGN.md "Quadruplet shards (format v1)"): per
+The folders look like the engine's output (docs/data-format.md, "A mined output folder"): per
 shard a tar written with `webdataset.TarWriter` from `dataengine.schema.encode_sample`, a parquet
 of per-image statuses, and a `_stats.json` written last (the completion marker).
 """

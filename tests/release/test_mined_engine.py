@@ -26,8 +26,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engine_mined(tiny_zoo: Path, repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `sample` pipeline mined with the tiny profile into a temporary folder."""
-    if not (repo_root / "dataengine" / "run.py").is_file():
-        pytest.skip("the data engine (dataengine/run.py) is not in this tree")
     from dataengine.inputs import write_sample_images
 
     root = tmp_path_factory.mktemp("engine")

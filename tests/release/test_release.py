@@ -254,26 +254,33 @@ def test_a_release_that_fails_validation_is_not_published(tmp_path: Path) -> Non
     folder = tmp_path / "corrupt"
     write_mined_shard(folder, 0, [sample], [{"uri": "x", "status": "ok"}])
     out = tmp_path / "release"
-    with pytest.raises(ReleaseError, match=rf"(?s)does not validate.*{sample['__key__']}: does not decode"):
+    with pytest.raises(
+        ReleaseError, match=rf"does not validate.*{sample['__key__']}: does not decode"
+    ) as err:
         build_release([folder], out, seed=0, val_fraction=0.0, samples_per_shard=10, card=False)
+    assert "\n" not in str(err.value) and "release.failed" in str(err.value)
+    assert not err.value.report.ok  # the whole report, for callers that want every problem
     assert not out.exists()
     assert (tmp_path / "release.failed" / "train-000000.tar").is_file()
 
 
 def test_bad_options_and_inputs_fail_clearly(mined: tuple[Path, Path], tmp_path: Path) -> None:
-    with pytest.raises(ReleaseError, match="is not a folder"):
+    with pytest.raises(ReleaseError, match="does not exist"):
         build_release([tmp_path / "nope"], tmp_path / "o")
     empty = tmp_path / "empty"
     mined_shard(empty, 0, [50], commit=False)
     with pytest.raises(ReleaseError, match="holds no committed shard"):
         build_release([empty], tmp_path / "o")
-    with pytest.raises(ReleaseError, match="val_fraction"):
+    with pytest.raises(ReleaseError, match="val-fraction"):
         build_release(mined, tmp_path / "o", val_fraction=1.0)
     with pytest.raises(ReleaseError, match="exactly one of"):
         build_release(mined, tmp_path / "o", samples_per_shard=10, shard_bytes=10_000)
+    with pytest.raises(ReleaseError, match="--license"):
+        build_release(mined, tmp_path / "o", license="CC-BY-4.0 OR MIT")
     (tmp_path / "exists").mkdir()
     with pytest.raises(ReleaseError, match="--overwrite"):
         build_release(mined, tmp_path / "exists")
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_builds_overwrites_and_validates(mined: tuple[Path, Path], tmp_path: Path, capsys) -> None:
@@ -281,7 +288,7 @@ def test_cli_builds_overwrites_and_validates(mined: tuple[Path, Path], tmp_path:
     args = ["--input", *map(str, mined), "--output", str(out), "--seed", "7", "--val-fraction", "0.3"]
     assert main([*args, "--samples-per-shard", "8", "--workers", "1"]) == 0
     assert "release written to" in capsys.readouterr().out
-    assert main([*args, "--samples-per-shard", "8", "--workers", "1"]) == 1
+    assert main([*args, "--samples-per-shard", "8", "--workers", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--shard-bytes", "100KB", "--overwrite", "--workers", "2"]) == 0
     capsys.readouterr()
@@ -290,3 +297,31 @@ def test_cli_builds_overwrites_and_validates(mined: tuple[Path, Path], tmp_path:
 
     assert validate_main([str(out), "--workers", "2"]) == 0
     assert capsys.readouterr().out.startswith("OK ")
+
+
+def test_license_comes_from_the_release_options(
+    mined: tuple[Path, Path], release_dir: Path, tmp_path: Path, capsys
+) -> None:
+    # Not given: "other", said plainly in release.json and on the card.
+    info = json.loads((release_dir / RELEASE_JSON).read_text())
+    assert info["params"]["license"] == "other"
+    card = (release_dir / "README.md").read_text()
+    assert "\nlicense: other\n" in card and "No license was declared for this release" in card
+
+    # Given on the command line in any letter case: stored canonical, on the card as the hub's id.
+    out = tmp_path / "licensed"
+    args = ["--input", *map(str, mined), "--output", str(out), "--seed", "7", "--val-fraction", "0.3"]
+    assert main([*args, "--samples-per-shard", "8", "--workers", "1", "--license", "cc-by-nc-4.0"]) == 0
+    capsys.readouterr()
+    info = json.loads((out / RELEASE_JSON).read_text())
+    assert info["params"]["license"] == "CC-BY-NC-4.0"
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "license: cc-by-nc-4.0\n" in front and "other" not in front
+    assert "Released under [CC-BY-NC-4.0](https://spdx.org/licenses/CC-BY-NC-4.0.html)" in card
+    assert "--license CC-BY-NC-4.0`" in card
+    assert validate_release(out).ok
+
+    # Everything else about the release is the same bytes: the license only touches its own fields.
+    for name in ("train-000000.tar", "manifest.parquet", "train.index.json"):
+        assert (out / name).read_bytes() == (release_dir / name).read_bytes()
