@@ -1,126 +1,474 @@
 """The `largen` command line: `largen inpaint --image PATH (--mask PATH | --box x0,y0,x1,y1) ... --out PATH`.
 
 The model is `--model DIR|HUBID`, else `$LARGEN_MODEL` (a folder written by
-`LARGenPipeline.save_pretrained`, e.g. the tiny zoo's `largen-pipeline`). Bad input (a missing or
-unreadable file, a mask of the wrong size, no prompt and no subject, ...) prints one line,
-`largen: error: ...`, and exits with status 2.
+`LARGenPipeline.save_pretrained`, e.g. the tiny zoo's `largen-pipeline`). Every argument is checked
+before any model work: bad input (a missing, unreadable or oversized image, a folder where a file
+belongs, a mask of the wrong size or with nothing in it, a box outside the image, an unusable
+device, an output that cannot be written, a folder that is not a LAR-Gen pipeline, ...) prints one
+line, `largen: error: ...` (argparse's own errors: `largen inpaint: error: ...`), naming the
+argument or file, and exits with status 2. The output is written only when the run succeeds, to a
+temporary file in the same folder that is then renamed over `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import math
 import os
+import stat
+import struct
 import sys
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from io import BytesIO
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 MODEL_ENV = "LARGEN_MODEL"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+PIPELINE_CLASS = "LARGenPipeline"
+MASK_THRESHOLD = 128  # white, as inference.subject and inference.zoom read masks
+# Mirrors inference.pipeline.DEFAULT_BETA / BETA_MAX; importing the pipeline here would load torch
+# and diffusers for `largen --help`. tests/inference/test_cli.py keeps the two in step.
+BETA_SUBJECT_ONLY = 1.0
+BETA_WITH_TEXT = 0.3
+BETA_MAX = 2.0
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a uint64
+# Errors PIL raises for a damaged file (UnidentifiedImageError is an OSError); the rest are what
+# older or third-party decoders have been seen to leak.
+_IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error)
 
 
 class CLIError(Exception):
     """A user error: reported as one line, exit status 2."""
 
 
-def _read_image(path: str, what: str) -> Image.Image:
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{what} {path!r} does not exist")
-    try:
-        with Image.open(p) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise CLIError(f"{what} {path!r} is not a readable image ({type(err).__name__})") from err
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: message`, no usage block (see `--help`)."""
+
+    def error(self, message: str):
+        if message.endswith("expected one argument"):
+            # `--box -1,2,3,4` reads -1,2,3,4 as an option: say how to pass such a value.
+            message += " (a value that starts with '-' needs the --name=VALUE form)"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _parse_box(text: str) -> tuple[float, float, float, float]:
-    parts = text.split(",")
+def _version() -> str:
     try:
-        box = tuple(float(v) for v in parts)
+        return metadata.version("lar-gen")
+    except metadata.PackageNotFoundError:
+        return "unknown (lar-gen is not installed; run `make install`)"
+
+
+# ---------------------------------------------------------------------- argument types
+def _int_type(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_type(low: float, high: float, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        # NaN fails both comparisons, so it lands here too.
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `largen` argument parser (subcommand `inpaint`); its errors are one line, exit status 2."""
+    parser = _Parser(prog="largen", description="LAR-Gen promptable inpainting.")
+    parser.add_argument("--version", action="version", version=f"largen {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "inpaint",
+        help="inpaint a region of an image from a text prompt, a subject image, or both",
+        description="Inpaint the masked region of --image guided by --prompt, --subject, or both. "
+        "Bad input prints one line 'largen: error: ...' and exits with status 2; --out is written "
+        "only when the run succeeds.",
+    )
+    p.add_argument("--image", required=True, help="source image")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", help="mask image, same size as --image (white, >= 128, = inpaint)")
+    where.add_argument("--box", help="region to inpaint as x0,y0,x1,y1 pixels inside the image (x1, y1 exclusive)")
+    p.add_argument("--prompt", default=None, help="text prompt")
+    p.add_argument("--subject", default=None, help="subject image (RGBA: alpha = subject; RGB: the whole picture)")
+    p.add_argument("--subject-mask", default=None, help="mask for --subject, same size (white = subject; overrides alpha)")
+    p.add_argument(
+        "--beta",
+        type=_float_type(0.0, BETA_MAX, f"a number in [0, {BETA_MAX:g}]"),
+        default=None,
+        help=f"image prompt strength beta in [0, {BETA_MAX:g}] (default: the mode's, as in the paper's "
+        f"Table 1: {BETA_SUBJECT_ONLY:.1f} for --subject without --prompt, {BETA_WITH_TEXT:.1f} with a --prompt)",
+    )
+    p.add_argument(
+        "--steps", type=_int_type(1, 10**6, "a whole number >= 1"), default=50, help="denoising steps (default 50)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=_float_type(0.0, math.inf, "a finite number >= 0"),
+        default=7.5,
+        help="classifier-free guidance scale (default 7.5; <= 1 turns guidance off)",
+    )
+    p.add_argument(
+        "--seed", type=_int_type(0, SEED_MAX, f"a whole number in [0, {SEED_MAX}]"), default=0,
+        help="random seed (default 0)",
+    )
+    p.add_argument("--no-zoom", action="store_true", help="inpaint the whole image instead of a crop around the mask")
+    p.add_argument("--no-refine", action="store_true", help="do not use RefineNet")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default cuda when available, else cpu)")
+    p.add_argument(
+        "--out", required=True,
+        help="output image path; the format follows the suffix (.png, .jpg, .webp, ...); written only on success",
+    )
+    p.add_argument("--model", default=None, help=f"LAR-Gen pipeline folder or hub id (default ${MODEL_ENV})")
+    return parser
+
+
+# ---------------------------------------------------------------------- checks (no model work)
+def _path_kind(path: Path, what: str) -> str:
+    """"missing", "dir", "file" or "other" (symlinks followed).
+
+    Raises:
+        CLIError: naming `what`, when the lookup itself fails (a name too long, a symlink loop,
+            a folder on the way that may not be searched); pathlib's is_dir/exists raise then.
+    """
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a file where a folder should be on the way
+        return "missing"
+    except OSError as err:
+        raise CLIError(f"{what} cannot be accessed ({err.strerror or err})") from err
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
+def _check_out(text: str) -> tuple[Path, str]:
+    """The path to write and its PIL format, once the output is known to be writable."""
+    out = Path(text).expanduser()
+    kind = _path_kind(out, f"--out {text!r}")
+    if kind == "dir":
+        raise CLIError(f"--out {text!r} is a folder; give an image file path such as {str(Path(text, 'out.png'))!r}")
+    if kind == "other":
+        raise CLIError(f"--out {text!r} exists and is not a regular file")
+    if out.is_symlink():
+        # Write the file the link names: renaming over the link would replace the link, not its target.
+        out = Path(os.path.realpath(out))
+    if not out.suffix:
+        raise CLIError(f"--out {text!r} has no suffix; end it in an image format such as .png or .jpg")
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    try:
+        if fmt is None:
+            raise KeyError(out.suffix)
+        # Some registered formats cannot hold RGB or have no writer installed: try a 1-pixel one.
+        Image.new("RGB", (1, 1)).save(BytesIO(), format=fmt)
+    except (KeyError, *_IMAGE_ERRORS) as err:
+        raise CLIError(f"--out {text!r}: PIL cannot write an RGB image as {out.suffix!r}; use .png, .jpg or .webp") from err
+    parent = out.parent
+    kind = _path_kind(parent, f"--out {text!r}: folder {str(parent)!r}")
+    if kind == "missing":
+        raise CLIError(f"--out {text!r}: folder {str(parent)!r} does not exist")
+    if kind != "dir":
+        raise CLIError(f"--out {text!r}: {str(parent)!r} is not a folder")
+    # Probe with a real file: os.access says yes to root on read-only mounts and no to ACL grants.
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"--out {text!r}: cannot write in folder {str(parent)!r} ({err.strerror or err})") from err
+    return out, fmt
+
+
+def _read_image(path: str, flag: str) -> Image.Image:
+    """Open and decode `path` fully (so a truncated file fails here, not mid-run)."""
+    p = Path(path).expanduser()
+    kind = _path_kind(p, f"{flag} {path!r}")
+    if kind == "dir":
+        raise CLIError(f"{flag} {path!r} is a folder, not an image file")
+    if kind == "missing":
+        raise CLIError(f"{flag} {path!r} does not exist")
+    if kind != "file":
+        raise CLIError(f"{flag} {path!r} is not a regular file")
+    try:
+        with warnings.catch_warnings():
+            # Between MAX_IMAGE_PIXELS and twice that PIL only warns, then decodes the whole thing.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(p)
+            with img:
+                img.load()
+                return img.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise CLIError(
+            f"{flag} {path!r} is too large: over {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's decompression-bomb limit)"
+        ) from err
+    except PermissionError as err:
+        raise CLIError(f"{flag} {path!r} cannot be read (permission denied)") from err
+    except _IMAGE_ERRORS as err:
+        raise CLIError(f"{flag} {path!r} is not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits; PIL's own convert clips it, turning anything above 255 white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        import numpy as np
+
+        arr = np.asarray(image.convert("I"), dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return _to_8bit(image).convert("RGB")
+
+
+def _size(image: Image.Image) -> str:
+    return f"{image.width}x{image.height}"
+
+
+def _check_mask(mask: Image.Image, image: Image.Image, path: str) -> Image.Image:
+    if mask.size != image.size:
+        raise CLIError(f"--mask is {_size(mask)} but --image is {_size(image)}; they must match")
+    gray = _to_8bit(mask).convert("L")
+    if gray.getextrema()[1] < MASK_THRESHOLD:
+        raise CLIError(f"--mask {path!r} is empty: no pixel is white (>= {MASK_THRESHOLD}), so there is nothing to inpaint")
+    return gray
+
+
+def _parse_box(text: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """x0,y0,x1,y1 inside an image of `size` (w, h), at least one whole pixel after rounding."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
     if len(box) != 4:
         raise CLIError(f"--box must be x0,y0,x1,y1 (four numbers), got {text!r}")
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise CLIError(f"--box {text!r} is empty: need x1 > x0 and y1 > y0")
+    if not all(math.isfinite(v) for v in box):
+        raise CLIError(f"--box {text!r} has a non-finite number; give four pixel coordinates")
+    x0, y0, x1, y1 = box
+    if min(box) < 0:
+        raise CLIError(f"--box {text!r} has a negative coordinate; pixels start at 0")
+    if x1 <= x0 or y1 <= y0:
+        raise CLIError(f"--box {text!r} is empty or inverted: need x1 > x0 and y1 > y0")
+    w, h = size
+    if x1 > w or y1 > h:
+        raise CLIError(f"--box {text!r} goes outside the {w}x{h} image: need x1 <= {w} and y1 <= {h}")
+    # The pipeline rounds a box to whole pixels (box_to_mask); a sliver can round to nothing.
+    if round(x1) <= round(x0) or round(y1) <= round(y0):
+        raise CLIError(f"--box {text!r} covers no whole pixel once rounded to pixel coordinates")
     return box
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="largen", description="LAR-Gen promptable inpainting.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inpaint", help="inpaint a region of an image from a text prompt, a subject image, or both")
-    p.add_argument("--image", required=True, help="source image")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mask", help="mask image, same size as --image (white = inpaint)")
-    where.add_argument("--box", help="region to inpaint as x0,y0,x1,y1 pixels")
-    p.add_argument("--prompt", default=None, help="text prompt")
-    p.add_argument("--subject", default=None, help="subject image (RGBA, or RGB = the whole picture)")
-    p.add_argument("--subject-mask", default=None, help="mask for an RGB --subject")
-    p.add_argument("--beta", type=float, default=0.3, help="image prompt strength (default 0.3)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--no-zoom", action="store_true", help="inpaint the whole image instead of a crop around the mask")
-    p.add_argument("--no-refine", action="store_true", help="do not use RefineNet")
-    p.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--model", default=None, help=f"pipeline folder or hub id (default ${MODEL_ENV})")
-    return parser
+def _read_subject(args: argparse.Namespace):
+    """The subject as the pipeline takes it (an image, or an (image, mask) pair), known to be non-empty."""
+    from inference.subject import subject_square
+
+    subject = _read_image(args.subject, "--subject")
+    if args.subject_mask:
+        mask = _read_image(args.subject_mask, "--subject-mask")
+        if mask.size != subject.size:
+            raise CLIError(f"--subject-mask is {_size(mask)} but --subject is {_size(subject)}; they must match")
+        subject = (_to_rgb(subject), _to_8bit(mask).convert("L"))
+        empty = f"--subject-mask {args.subject_mask!r} is empty: no pixel is white (>= {MASK_THRESHOLD})"
+    else:
+        subject = _to_8bit(subject)
+        empty = f"--subject {args.subject!r} is fully transparent: no pixel has alpha >= {MASK_THRESHOLD}"
+    try:
+        subject_square(subject)  # the pipeline's own preprocessing: it refuses an empty subject
+    except ValueError as err:
+        raise CLIError(f"{empty}, so there is no subject") from err
+    return subject
 
 
+def _check_device(text: str | None) -> str:
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {text!r} is not a device: use cpu, cuda, cuda:N or mps") from err
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise CLIError(f"--device {text!r}: there is one CPU device; use cpu")
+    elif device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text!r}: CUDA is not available on this machine (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {text!r}: MPS (Apple GPU) is not available on this machine (use --device cpu)")
+    else:
+        raise CLIError(f"--device {text!r}: the {device.type!r} device type is not supported; use cpu, cuda, cuda:N or mps")
+    return str(device)
+
+
+def _check_model(model: str) -> str:
+    """The model reference to load; a local folder must be a LAR-Gen pipeline (`model_index.json`)."""
+    from inference.loading import _looks_like_local_path
+
+    path = Path(model).expanduser()
+    kind = _path_kind(path, f"--model {model!r}")
+    if kind == "missing" and not _looks_like_local_path(model):
+        return model  # a hub id: from_pretrained reports what it cannot find
+    if kind == "missing":
+        raise CLIError(f"--model {model!r} does not exist")
+    if kind != "dir":
+        raise CLIError(f"--model {model!r} is not a folder (a LAR-Gen pipeline is a folder with model_index.json)")
+    index = path / "model_index.json"
+    if _path_kind(index, f"--model {model!r}: model_index.json") != "file":
+        raise CLIError(f"--model {model!r} is not a LAR-Gen pipeline folder (no model_index.json)")
+    try:
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"--model {model!r}: model_index.json is not valid JSON ({str(err).splitlines()[0]})") from err
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != PIPELINE_CLASS:
+        raise CLIError(f"--model {model!r} holds a {name or 'pipeline of unknown class'}, not a {PIPELINE_CLASS}")
+    for component, spec in config.items():
+        if not component.startswith("_") and isinstance(spec, list) and spec[0] is not None and not (path / component).is_dir():
+            raise CLIError(f"--model {model!r} is incomplete: model_index.json lists {component!r} but the folder has no {component}/")
+    return str(path)
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _model_loading(show_bars: bool) -> Iterator[None]:
+    """Load quietly: no loading progress bars unless `show_bars`; library log lines held back.
+
+    diffusers and transformers log their own view of a failed load ("Couldn't connect to the Hub",
+    "see the stacktrace above") before raising; when the load fails the one-line error says it
+    all, so those lines are dropped. When it succeeds they are passed on as usual. Every setting
+    is restored afterwards (tests call `main` in-process).
+    """
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    bars = [(log, log.is_progress_bar_enabled()) for log in (dlog, tlog)]
+    if not show_bars:
+        for log, _ in bars:
+            log.disable_progress_bar()
+    held = _Held()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    handlers = [list(logger.handlers) for logger in loggers]
+    for logger in loggers:
+        logger.handlers = [held]
+    try:
+        yield
+    except BaseException:
+        held.records.clear()
+        raise
+    finally:
+        for logger, saved in zip(loggers, handlers, strict=True):
+            logger.handlers = saved
+        for log, was_enabled in bars:
+            (log.enable_progress_bar if was_enabled else log.disable_progress_bar)()
+        for record in held.records:
+            for handler in handlers[0 if record.name.startswith("diffusers") else 1]:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+
+def _write_atomic(image: Image.Image, out: Path, fmt: str) -> None:
+    """Write `image` to a temporary file beside `out`, then rename it over `out` (never half-written)."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (or the replaced file's).
+        if out.exists():
+            mode = out.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise CLIError(f"--out {str(out)!r} could not be written ({err.strerror or err})") from err
+        raise
+
+
+# ---------------------------------------------------------------------- the command
 def _inpaint(args: argparse.Namespace) -> Path:
     model = args.model or os.environ.get(MODEL_ENV)
     if not model:
         raise CLIError(f"no model: pass --model DIR|HUBID or set ${MODEL_ENV}")
-    if not args.prompt and not args.subject:
+    has_text = bool(args.prompt and args.prompt.strip())
+    if not has_text and not args.subject:
         raise CLIError("nothing to inpaint with: give --prompt, --subject, or both")
-    if args.steps < 1:
-        raise CLIError(f"--steps must be >= 1, got {args.steps}")
-    if args.beta < 0:
-        raise CLIError(f"--beta must be >= 0, got {args.beta}")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise CLIError(f"--out must be a .png path, got {args.out!r}")
-    if not out.parent.is_dir():
-        raise CLIError(f"output folder {str(out.parent)!r} does not exist")
+    if args.subject_mask and not args.subject:
+        raise CLIError("--subject-mask needs --subject (it is the mask of that image)")
+    out, fmt = _check_out(args.out)
     image = _read_image(args.image, "--image")
     if args.mask:
-        mask = _read_image(args.mask, "--mask")
-        if mask.size != image.size:
-            raise CLIError(
-                f"--mask is {mask.size[0]}x{mask.size[1]} but --image is {image.size[0]}x{image.size[1]}; they must match"
-            )
+        mask = _check_mask(_read_image(args.mask, "--mask"), image, args.mask)
     else:
-        mask = _parse_box(args.box)
-    subject = None
-    if args.subject:
-        subject = _read_image(args.subject, "--subject")
-        if args.subject_mask:
-            subject = (subject, _read_image(args.subject_mask, "--subject-mask"))
+        mask = _parse_box(args.box, image.size)
+    image = _to_rgb(image)
+    subject = _read_subject(args) if args.subject else None
+    device = _check_device(args.device)
+    model_ref = _check_model(model)
 
-    # Heavy imports only once the arguments are known to be good.
     import torch
 
-    from inference.loading import CheckpointNotFoundError
     from inference.pipeline import LARGenPipeline
 
-    model_path = Path(model).expanduser()
-    if (model.startswith((".", "/", "~")) or model.count("/") != 1) and not (model_path / "model_index.json").is_file():
-        raise CLIError(f"--model {model!r} is not a LAR-Gen pipeline folder (no model_index.json)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    interactive = sys.stderr.isatty()
     try:
-        pipe = LARGenPipeline.from_pretrained(str(model_path) if model_path.exists() else model)
-    except (OSError, CheckpointNotFoundError, ValueError) as err:
-        raise CLIError(f"cannot load model {model!r}: {str(err).splitlines()[0]}") from err
+        with _model_loading(show_bars=interactive):
+            pipe = LARGenPipeline.from_pretrained(model_ref)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(" Please check out the root cause")[0]  # there is no stacktrace above
+        raise CLIError(f"--model {model!r} cannot be loaded: {first}") from err
+    train_steps = pipe.scheduler.config.get("num_train_timesteps")
+    if train_steps is not None and args.steps > train_steps:
+        raise CLIError(f"--steps must be <= {train_steps} (the model's training timesteps), got {args.steps}")
+    pipe.set_progress_bar_config(disable=not interactive)
     pipe = pipe.to(device)
     try:
         result = pipe(
             image,
             mask,
-            prompt=args.prompt,
+            prompt=args.prompt if has_text else None,
             subject_image=subject,
             beta=args.beta,
             guidance_scale=args.guidance,
@@ -129,18 +477,19 @@ def _inpaint(args: argparse.Namespace) -> Path:
             zoom_in=not args.no_zoom,
             use_refine=not args.no_refine,
         )
-    except (ValueError, TypeError) as err:
-        raise CLIError(str(err).splitlines()[0]) from err
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    result.images[0].save(tmp, format="PNG")
-    os.replace(tmp, out)
+    except ValueError as err:
+        raise CLIError(f"cannot inpaint: {str(err).splitlines()[0]}") from err
+    _write_atomic(result.images[0], out, fmt)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `largen` console script; returns the exit status."""
+    """Entry point of the `largen` console script; returns the exit status (2 for bad input)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a one-line argparse error
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     try:
         if args.command == "inpaint":
             out = _inpaint(args)
@@ -148,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"largen: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("largen: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

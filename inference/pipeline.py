@@ -15,6 +15,8 @@ docs/inference.md for why.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -49,6 +51,13 @@ MODE_TEXT = "text"
 MODE_SUBJECT = "subject"
 MODE_TEXT_SUBJECT = "text+subject"
 
+# beta per mode when the caller passes none (paper Table 1): 1.0 for a subject with no text (its
+# last row), 0.3 with text, the value stage 2 is trained at. Text-only keeps 0.3 too: its image
+# branch still attends to the null image, and 0.3 is the strength stage 2 trained that with.
+DEFAULT_BETA = {MODE_TEXT: 0.3, MODE_SUBJECT: 1.0, MODE_TEXT_SUBJECT: 0.3}
+# The range the trainer accepts for beta (training/config.py); outside it the model was never run.
+BETA_MIN, BETA_MAX = 0.0, 2.0
+
 
 @dataclass
 class LARGenPipelineOutput(BaseOutput):
@@ -59,11 +68,13 @@ class LARGenPipelineOutput(BaseOutput):
             (`output_type="np"`), or the final latents of the crop (`output_type="latent"`).
         mode: "text", "subject" or "text+subject".
         crop_box: the square (x0, y0, x1, y1) that was inpainted (may extend past the image).
+        beta: the Assign strength the call used (the mode's `DEFAULT_BETA` when none was given).
     """
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     mode: str
     crop_box: tuple[int, int, int, int]
+    beta: float
 
 
 def ddim_trailing(config) -> DDIMScheduler:
@@ -87,6 +98,14 @@ def box_to_mask(box: Sequence[float], size: tuple[int, int]) -> Image.Image:
     mask = np.zeros((h, w), np.uint8)
     mask[y0:y1, x0:x1] = 255
     return Image.fromarray(mask)
+
+
+def _check_real(name: str, value) -> None:
+    """Raise unless `value` is a finite real number (NaN slips through every `<` comparison)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def _as_rgb(image, name: str) -> Image.Image:
@@ -282,18 +301,28 @@ class LARGenPipeline(DiffusionPipeline):
     def check_inputs(
         self, prompt, subject_image, beta, guidance_scale, num_inference_steps, resolution, tensor_inputs, output_type
     ) -> str:
-        """Validate the call and return the mode. Raises ValueError with what is wrong."""
-        has_text = prompt is not None and prompt.strip() != ""
+        """Validate the call and return the mode. Raises ValueError (TypeError for a wrong type) with what is wrong."""
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        has_text = prompt is not None and prompt.strip() != ""
         if not has_text and subject_image is None:
             raise ValueError("nothing to inpaint with: give a prompt, a subject_image, or both")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        if beta is not None:
+            _check_real("beta", beta)
+            if not BETA_MIN <= beta <= BETA_MAX:
+                raise ValueError(f"beta must be in [{BETA_MIN:g}, {BETA_MAX:g}], got {beta}")
+        _check_real("guidance_scale", guidance_scale)
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool):
+            raise TypeError(f"num_inference_steps must be an integer, got {type(num_inference_steps).__name__}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        train_steps = self.scheduler.config.get("num_train_timesteps")
+        if train_steps is not None and num_inference_steps > train_steps:
+            raise ValueError(
+                f"num_inference_steps must be <= {train_steps} (the scheduler's training timesteps), got {num_inference_steps}"
+            )
         if resolution % self.vae_scale_factor:
             raise ValueError(f"resolution must be a multiple of {self.vae_scale_factor}, got {resolution}")
         if output_type not in ("pil", "np", "latent"):
@@ -312,7 +341,7 @@ class LARGenPipeline(DiffusionPipeline):
         mask_image: Image.Image | np.ndarray | Sequence[float],
         prompt: str | None = None,
         subject_image=None,
-        beta: float = 0.3,
+        beta: float | None = None,
         guidance_scale: float = 7.5,
         num_inference_steps: int = 50,
         generator: torch.Generator | None = None,
@@ -337,7 +366,8 @@ class LARGenPipeline(DiffusionPipeline):
             mask_image: white = inpaint; a mask of the image's size, or a box (x0, y0, x1, y1).
             prompt: text prompt; None/"" for subject-only.
             subject_image: RGBA image, (image, mask) pair, or RGB image; None for text-only.
-            beta: Assign strength (Eq. 7); 0 turns the image-prompt cross-attention off.
+            beta: Assign strength (Eq. 7), in [0, 2]; 0 turns the image-prompt cross-attention off.
+                None: the mode's default (`DEFAULT_BETA`, paper Table 1): 1.0 subject-only, 0.3 with a prompt.
             guidance_scale: w of Eq. 12; <= 1 disables classifier-free guidance.
             num_inference_steps: denoising steps of the scheduler (DDIM trailing by default).
             generator: torch generator; the same seed gives the same image.
@@ -367,6 +397,7 @@ class LARGenPipeline(DiffusionPipeline):
             prompt, subject_image, beta, guidance_scale, num_inference_steps, resolution,
             callback_on_step_end_tensor_inputs, output_type,
         )
+        beta = DEFAULT_BETA[mode] if beta is None else float(beta)
         source = _as_rgb(image, "image")
         mask = _as_mask(mask_image, source.size)
         box = mask_box(mask)
@@ -484,4 +515,4 @@ class LARGenPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return LARGenPipelineOutput(images=images, mode=mode, crop_box=tuple(int(v) for v in crop_box))
+        return LARGenPipelineOutput(images=images, mode=mode, crop_box=tuple(int(v) for v in crop_box), beta=beta)

@@ -25,7 +25,8 @@ class Turn:
         prompt: the text prompt, or None.
         subject: the subject image, or None.
         output: the inpainted image (the next turn's source).
-        options: the other pipeline arguments of this turn (beta, steps, seed, ...).
+        options: the other pipeline arguments of this turn (beta, steps, seed, ...); `beta` is the
+            value the turn used, so a turn that left it to the mode's default records 1.0 or 0.3.
     """
 
     source: Image.Image
@@ -42,7 +43,9 @@ class EditingSession:
     Args:
         pipe: a `LARGenPipeline` (or anything called like it that returns `.images`).
         image: the initial image.
-        **defaults: pipeline arguments applied to every turn unless a turn overrides them.
+        **defaults: pipeline arguments applied to every turn unless a turn overrides them. Leave
+            `beta` out (or None) to give each turn its mode's default (`DEFAULT_BETA`: 1.0 for a
+            subject without text, 0.3 with text), so one session can mix modes.
     """
 
     def __init__(self, pipe, image: Image.Image, **defaults) -> None:
@@ -62,6 +65,9 @@ class EditingSession:
     def edit(self, mask_image, prompt: str | None = None, subject_image=None, **options) -> Image.Image:
         """Run one turn on `current` and append it to the history (clears the redo stack).
 
+        `options` override the session's defaults for this turn only; `beta=None` (or no beta at
+        all) means the turn's mode default.
+
         Returns:
             The turn's output image.
 
@@ -70,7 +76,11 @@ class EditingSession:
         """
         kwargs = {**self.defaults, **options}
         source = self.current
-        output = self.pipe(source, mask_image, prompt=prompt, subject_image=subject_image, **kwargs).images[0]
+        result = self.pipe(source, mask_image, prompt=prompt, subject_image=subject_image, **kwargs)
+        output = result.images[0]
+        used_beta = getattr(result, "beta", None)
+        if used_beta is not None:
+            kwargs["beta"] = used_beta
         self.history.append(Turn(source, mask_image, prompt, subject_image, output, kwargs))
         self._undone.clear()
         return output

@@ -125,6 +125,8 @@ def docs_environment(tiny_zoo: Path) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        # Tiny tensors: one thread per process is as fast, and it does not spin against other jobs.
+        "OMP_NUM_THREADS": "1",
     })
     env.pop("PYTHONPATH", None)
     return env

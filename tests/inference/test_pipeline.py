@@ -191,3 +191,60 @@ def test_zoom_crop_follows_the_mask(pipe, scene):
     image, mask, _ = scene
     out = _run(pipe, image, mask, prompt="a dog", zoom_expansion=1.5)
     assert out.crop_box == zoom_box(mask_box(mask), image.size, 1.5)
+
+
+@pytest.mark.parametrize(
+    "mode, prompt, with_subject, paper_beta",
+    [
+        ("subject", None, True, 1.0),  # Table 1, last row: beta = 1.0, no text
+        ("text+subject", "a red dog", True, 0.3),  # Table 1: beta = 0.3 with text
+        ("text", "a red dog", False, 0.3),  # the null image at stage 2's strength
+    ],
+)
+def test_beta_none_is_the_modes_paper_default(pipe, scene, mode, prompt, with_subject, paper_beta):
+    image, mask, subjects = scene
+    kwargs = {"prompt": prompt, "subject_image": subjects[0] if with_subject else None}
+    default = _run(pipe, image, mask, output_type="latent", **kwargs)
+    explicit = _run(pipe, image, mask, output_type="latent", beta=paper_beta, **kwargs)
+    assert default.mode == mode and default.beta == explicit.beta == paper_beta
+    assert torch.equal(default.images, explicit.images)
+    # ...and the default is not a no-op: another beta changes the result.
+    other = _run(pipe, image, mask, output_type="latent", beta=0.6, **kwargs)
+    assert not torch.equal(default.images, other.images)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"beta": float("nan")}, ValueError, "beta must be a finite number"),
+        ({"beta": -0.1}, ValueError, r"beta must be in \[0, 2\]"),
+        ({"beta": 2.5}, ValueError, r"beta must be in \[0, 2\]"),
+        ({"beta": "0.3"}, TypeError, "beta must be a number"),
+        ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
+        ({"guidance_scale": -1.0}, ValueError, "guidance_scale must be >= 0"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be >= 1"),
+        ({"num_inference_steps": 2.5}, TypeError, "num_inference_steps must be an integer"),
+        ({"num_inference_steps": 1001}, ValueError, "num_inference_steps must be <= 1000"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(pipe, scene, kwargs, error, match):
+    image, mask, _ = scene
+    with pytest.raises(error, match=match):
+        pipe(image, mask, prompt="a dog", **kwargs)
+
+
+def test_session_turns_use_and_record_their_modes_beta(pipe, scene):
+    image, mask, subjects = scene
+    session = EditingSession(pipe, image, num_inference_steps=STEPS)
+    g = torch.Generator().manual_seed
+    first = session.edit(mask, subject_image=subjects[0], generator=g(0))
+    second = session.edit(mask, prompt="a dog", subject_image=subjects[1], generator=g(0))
+    assert [t.options["beta"] for t in session.history] == [1.0, 0.3]
+    direct = _run(pipe, image, mask, subject_image=subjects[0], beta=1.0).images[0]
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(direct))
+    direct = _run(pipe, first, mask, prompt="a dog", subject_image=subjects[1], beta=0.3).images[0]
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(direct))
+    # A session-wide beta still wins over the mode default.
+    fixed = EditingSession(pipe, image, num_inference_steps=STEPS, beta=0.5)
+    fixed.edit(mask, subject_image=subjects[0], generator=g(0))
+    assert fixed.history[0].options["beta"] == 0.5
