@@ -75,15 +75,20 @@ class Profile(StrictModel):
     inpaint: str
     image_prompt: ImagePromptRef
 
-    def resolved(self, name: str) -> Profile:
+    def resolved(self, name: str, tagger_is_file: bool = False) -> Profile:
         """A copy with local refs expanded and checked to exist.
+
+        Args:
+            name: the profile's name (for messages).
+            tagger_is_file: the tagger is a checkpoint file (`tag.backend: ram`), not a model folder.
 
         Raises:
             ConfigError: a local model path does not exist.
         """
         data = self.model_dump()
         for role in ("tagger", "grounding", "segmenter", "captioner", "inpaint"):
-            data[role] = _checked(f"profiles.{name}.{role}", data[role])
+            as_file = role == "tagger" and tagger_is_file
+            data[role] = _checked(f"profiles.{name}.{role}", data[role], file=as_file)
         if data["tag_vocabulary"] != "builtin":
             data["tag_vocabulary"] = _checked(f"profiles.{name}.tag_vocabulary", data["tag_vocabulary"], file=True)
         data["image_prompt"]["repo"] = _checked(f"profiles.{name}.image_prompt.repo", data["image_prompt"]["repo"])
@@ -283,7 +288,7 @@ def load_run_config(
     raw = read_yaml(path)
     pipelines = raw.get("pipelines") or {}
     if not isinstance(pipelines, dict) or pipeline not in pipelines:
-        names = ", ".join(pipelines) if isinstance(pipelines, dict) else "none"
+        names = (", ".join(pipelines) if isinstance(pipelines, dict) else "") or "none"
         raise ConfigError(f"{path}: pipeline {pipeline!r} is not defined; defined pipelines: {names}")
     data = apply_overrides(raw, overrides, base=["pipelines", pipeline])
     project = validate(ProjectConfig, data, source=str(path))
@@ -293,5 +298,5 @@ def load_run_config(
         raise ConfigError(
             f"{path}: profile {profile_name!r} is not defined; defined profiles: {', '.join(project.profiles)}"
         )
-    resolved = project.profiles[profile_name].resolved(profile_name)
+    resolved = project.profiles[profile_name].resolved(profile_name, tagger_is_file=pipe.tag.backend == "ram")
     return RunConfig(pipeline_name=pipeline, profile_name=profile_name, pipeline=pipe, profile=resolved)

@@ -16,10 +16,12 @@ progress, and returns a `RunSummary` whose `table()` is the final summary.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +29,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dataengine.config import Resources, RunConfig
+from dataengine.config import InputSpec, Resources, RunConfig
 from dataengine.inputs import InputShard, plan_shards
-from dataengine.shards import QuadrupletWriter
+from dataengine.models import check_models
+from dataengine.shards import OutputError, QuadrupletWriter
 from dataengine.stages.base import ImageRecord, Stage, StageChain, make_batch
 from dataengine.stages.caption import CaptionStage
 from dataengine.stages.encode import EncodeStage
@@ -38,7 +41,7 @@ from dataengine.stages.ground import GroundStage
 from dataengine.stages.read import ReadStage
 from dataengine.stages.segment import SegmentStage
 from dataengine.stages.subject import SubjectStage
-from dataengine.stages.tag import TagStage
+from dataengine.stages.tag import TagStage, require_ram
 
 logger = logging.getLogger("dataengine")
 
@@ -104,9 +107,10 @@ class RayExecutor:
 
     def __init__(self, cfg: RunConfig, show_ray_progress: bool = False):
         self.cfg = cfg
-        connect_ray()
+        self.embedded = connect_ray()
         import ray.data
 
+        quiet_ray_data_console()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_operator_progress_bars = show_ray_progress
         ctx.enable_progress_bars = show_ray_progress
@@ -122,31 +126,132 @@ class RayExecutor:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         for group in stage_groups(self.cfg):
             res = group.resources
-            ds = ds.map_batches(
-                StageChain,
-                fn_constructor_args=(group.stages, self.cfg),
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=res.replicas),
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus or None,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.6x deprecates extra remote args of map_batches but has no named parameter
+                # for actor restarts yet; restart_policy() passes them only while Ray accepts them.
+                warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+                ds = ds.map_batches(
+                    StageChain,
+                    fn_constructor_args=(group.stages, self.cfg),
+                    batch_size=1,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=res.replicas),
+                    num_cpus=res.num_cpus,
+                    num_gpus=res.num_gpus or None,
+                    **self.restart_policy(),
+                )
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
             for shard_index, records in zip(batch["shard"], batch["records"]):
                 yield int(shard_index), list(records)
 
+    def restart_policy(self) -> dict:
+        """Actor restarts: none in the embedded Ray, Ray Data's default (restart, retry) on a cluster.
 
-def connect_ray() -> None:
-    """Connect to `RAY_ADDRESS` when set, else start an embedded local Ray (once per process)."""
+        On one machine what kills a model actor (the OOM killer, a crash in a model) comes back
+        after a restart, and Ray Data's default of endless restarts and retries turns it into a
+        hang; a run that stops instead resumes exactly. On a cluster an actor also dies with its
+        node (preemption, scale-down), which a restart elsewhere fixes. (Restarts on also make Ray
+        print a one-time `core_worker.cc ... max_restarts > 0` line: Ray Data passes its actors
+        their arguments by reference, ray-project/ray#53727; Ray Data holds those for the whole run.)
+        """
+        import ray.data
+
+        params = inspect.signature(ray.data.Dataset.map_batches).parameters.values()
+        takes_remote_args = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        return {"max_restarts": 0} if self.embedded and takes_remote_args else {}
+
+
+class RayConnectError(ConnectionError):
+    """`RAY_ADDRESS` names no reachable Ray cluster (the message is one line naming it)."""
+
+
+def connect_ray() -> bool:
+    """Connect to `RAY_ADDRESS` when set, else start an embedded local Ray (once per process).
+
+    Returns:
+        True when this process runs an embedded Ray (started here, or already initialised
+        without `RAY_ADDRESS`).
+
+    Raises:
+        RayConnectError: `RAY_ADDRESS` is malformed or nothing answers there.
+    """
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address and "ray" not in sys.modules:
+        # A new local Ray turns token authentication on by itself and warns that it did, on every
+        # run; asking for it explicitly keeps the same security without the warning. Ray reads the
+        # variable when it is imported, hence only before; a user's own RAY_AUTH_MODE is kept.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs = {"include_dashboard": False} if not address else {}
-    if os.environ.get("LARGEN_RAY_NUM_CPUS") and not address:
+        return not address
+    if address:
+        _probe_ray_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayConnectError(f"RAY_ADDRESS={address!r}: cannot connect: {first}") from exc
+        return False
+    kwargs: dict = {"include_dashboard": False}
+    if os.environ.get("LARGEN_RAY_NUM_CPUS"):
         kwargs["num_cpus"] = int(os.environ["LARGEN_RAY_NUM_CPUS"])
-    ray.init(address=address or None, logging_level=logging.WARNING, **kwargs)
+    # "local": always a new instance. Without it ray.init joins whatever cluster a `ray start` on
+    # this machine last recorded in /tmp/ray/ray_current_cluster, and retries for many minutes
+    # when that cluster is gone.
+    ray.init(address="local", logging_level=logging.WARNING, **kwargs)
+    return True
+
+
+def _probe_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a `host:port` RAY_ADDRESS where nothing listens (ray.init retries for minutes)."""
+    if address in ("auto", "local"):
+        return  # ray.init looks up the local cluster itself and fails at once
+    target = address.removeprefix("ray://")
+    if "://" in target:
+        raise RayConnectError(
+            f"RAY_ADDRESS={address!r}: expected the GCS address HOST:PORT (e.g. 127.0.0.1:6379), "
+            "not a URL; the dashboard's http:// address is for `ray job submit`"
+        )
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RayConnectError(f"RAY_ADDRESS={address!r}: expected HOST:PORT, e.g. 127.0.0.1:6379")
+    import socket
+
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RayConnectError(
+            f"RAY_ADDRESS={address!r}: no Ray cluster answers at {host}:{port} ({reason}); "
+            "start one with `ray start --head`, or unset RAY_ADDRESS to run an embedded Ray"
+        ) from exc
+
+
+class _DropRayDataBarsNotice(logging.Filter):
+    """Drops Ray Data's notice that its progress bars are off: the engine shows its own bar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console shows warnings and errors only; its INFO lines stay in its log files.
+
+    A healthy run otherwise prints three INFO lines per dataset (start, plan, finish) between
+    the engine's progress bar and summary. Left alone when the user configures Ray Data logging
+    (RAY_DATA_LOG_LEVEL, RAY_DATA_LOGGING_CONFIG).
+    """
+    if os.environ.get("RAY_DATA_LOG_LEVEL") or os.environ.get("RAY_DATA_LOGGING_CONFIG"):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        # Ray Data's console handler is a StreamHandler; its file handlers are not.
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _DropRayDataBarsNotice) for f in progress_logger.filters):
+        progress_logger.addFilter(_DropRayDataBarsNotice())
 
 
 # --------------------------------------------------------------------------- the run
@@ -223,12 +328,38 @@ def mine(
 
     Raises:
         InputError: an input cannot be listed.
+        OutputError: the output is a file, cannot be created, holds other files, or lies in an input.
         ResumeError: the output holds shards of other inputs or another config (and no overwrite).
         ModelLoadError: a model cannot be loaded.
+        TagBackendError: `tag.backend: ram` without the recognize-anything package.
+        RayConnectError: `RAY_ADDRESS` names no reachable cluster.
     """
     start = time.perf_counter()
     shards = plan_shards(cfg.pipeline.inputs)
-    writer = QuadrupletWriter(output, cfg)
+    check_output_outside_inputs(output, cfg.pipeline.inputs)
+    check_models_of(cfg)
+    created = not Path(output).exists()
+    try:
+        writer = QuadrupletWriter(output, cfg)
+        return _mine_into(cfg, writer, shards, overwrite, backend, progress, on_commit, start)
+    except BaseException:
+        # A run that fails before writing anything (e.g. Ray unreachable) leaves no empty folder behind.
+        if created and Path(output).is_dir() and not any(Path(output).iterdir()):
+            Path(output).rmdir()
+        raise
+
+
+def _mine_into(
+    cfg: RunConfig,
+    writer: QuadrupletWriter,
+    shards: Sequence[InputShard],
+    overwrite: bool,
+    backend: str | None,
+    progress: bool,
+    on_commit: Callable[[dict], None] | None,
+    start: float,
+) -> RunSummary:
+    output = writer.out_dir
     todo = writer.pending(shards, overwrite=overwrite)
     summary = RunSummary(output=Path(output), shards_total=len(shards), shards_skipped=len(shards) - len(todo))
     by_index = {s.index: s for s in todo}
@@ -236,6 +367,8 @@ def mine(
     backend = backend or cfg.pipeline.engine.backend
     bar = tqdm(total=total_images, unit="img", desc=f"mine {cfg.pipeline_name}", disable=not progress, file=sys.stderr)
     try:
+        if not todo:  # a finished run resumed: nothing to load, no Ray to start
+            return _finish(summary, start)
         executor = LocalExecutor(cfg) if backend == "local" else RayExecutor(cfg)
         shard_start = time.perf_counter()
         for shard_index, records in executor.run(todo):
@@ -253,5 +386,42 @@ def mine(
             )
     finally:
         bar.close()
+    return _finish(summary, start)
+
+
+def _finish(summary: RunSummary, start: float) -> RunSummary:
     summary.wall_seconds = time.perf_counter() - start
     return summary
+
+
+def check_output_outside_inputs(output: str | os.PathLike, inputs: Sequence[InputSpec]) -> None:
+    """Refuse an output folder that is, or lies inside, a local input folder.
+
+    Raises:
+        OutputError: naming both; the next run would list the outputs as inputs (tars) or mix
+            the mined files into the user's photo folder.
+    """
+    out = Path(output).expanduser().resolve()
+    for spec in inputs:
+        if "://" in spec.path or spec.kind == "table":
+            continue
+        folder = Path(spec.path).expanduser()
+        if folder.is_dir() and (out == folder.resolve() or folder.resolve() in out.parents):
+            raise OutputError(
+                f"output {os.fspath(output)!r} is inside the input folder {spec.path!r}; "
+                "choose a folder outside it"
+            )
+
+
+def check_models_of(cfg: RunConfig) -> None:
+    """Check every model of the run here, before Ray starts: one clear error, not one per actor.
+
+    Raises:
+        ModelLoadError: a checkpoint is missing or of the wrong kind.
+        TagBackendError: `tag.backend: ram` without its package.
+    """
+    clip_tagger = cfg.pipeline.tag.backend == "clip"
+    if not clip_tagger:
+        require_ram()
+    p = cfg.profile
+    check_models(p.tagger if clip_tagger else None, p.grounding, p.segmenter, p.captioner)

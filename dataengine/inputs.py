@@ -80,7 +80,10 @@ def plan_shards(specs: Iterable[InputSpec]) -> list[InputShard]:
     """
     shards: list[InputShard] = []
     for spec in specs:
-        items = list(list_items(spec))
+        try:
+            items = list(list_items(spec))
+        except OSError as exc:  # e.g. a folder or tar that cannot be read (permissions, network)
+            raise InputError(f"input {spec.path!r} ({spec.kind}) cannot be read: {exc.strerror or exc}") from exc
         if not items:
             raise InputError(f"input {spec.path!r} ({spec.kind}) holds no image")
         size = spec.images_per_shard
@@ -185,6 +188,7 @@ def _list_webdataset(pattern: str, image_field: str | None) -> Iterator[InputIte
 
 
 def _list_table(table: str, column: str) -> Iterator[InputItem]:
+    import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
@@ -193,13 +197,17 @@ def _list_table(table: str, column: str) -> Iterator[InputItem]:
         raise InputError(f"table input {table!r} does not exist")
     lower = path.lower()
     with fs.open(path, "rb") as f:
-        if lower.endswith(".parquet"):
-            data = pq.read_table(f)
-        elif lower.endswith((".csv", ".tsv")):
-            opts = pa_csv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
-            data = pa_csv.read_csv(f, parse_options=opts)
-        else:
-            raise InputError(f"table input {table!r}: expected a .parquet, .csv or .tsv file")
+        try:
+            if lower.endswith(".parquet"):
+                data = pq.read_table(f)
+            elif lower.endswith((".csv", ".tsv")):
+                opts = pa_csv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+                data = pa_csv.read_csv(f, parse_options=opts)
+            else:
+                raise InputError(f"table input {table!r}: expected a .parquet, .csv or .tsv file")
+        except pa.ArrowException as exc:
+            reason = " ".join(str(exc).split())
+            raise InputError(f"table input {table!r} is not a readable table: {reason}") from exc
     if column not in data.column_names:
         raise InputError(
             f"table input {table!r} has no column {column!r} (set image_column); columns: {', '.join(data.column_names)}"
@@ -249,10 +257,51 @@ def write_sample_images(dest: str | os.PathLike) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dataengine.inputs sample-images DEST`: copy the sample photos, print their paths.
+
+    A DEST that is a file or cannot be created or written ends in one `error:` line, status 2.
+    """
+    import argparse
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "sample-images":
-        sys.exit("usage: python -m dataengine.inputs sample-images DEST")
-    for path in write_sample_images(sys.argv[2]):
+    parser = argparse.ArgumentParser(
+        prog="python -m dataengine.inputs", description="Input helpers of the data engine."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sample = commands.add_parser(
+        "sample-images", help="copy the `sample` pipeline's photos (bundled with scikit-image)"
+    )
+    sample.add_argument("dest", metavar="DEST", help="folder to copy them into (created)")
+    args = parser.parse_args(argv)
+    dest = Path(args.dest)
+    if not args.dest.strip():
+        parser.error("argument DEST: must not be empty")
+    if dest.exists() and not dest.is_dir():
+        print(f"error: DEST {args.dest!r} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        print(f"error: DEST {args.dest!r}: a part of the path is a file, not a folder", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: DEST {args.dest!r}: cannot create the folder: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        paths = write_sample_images(dest)
+    except OSError as exc:
+        if exc.filename and not str(exc.filename).startswith(str(dest)):
+            print(
+                f"error: the bundled sample photo {exc.filename!r} cannot be read: {exc.strerror}", file=sys.stderr
+            )
+            return 1
+        print(f"error: DEST {args.dest!r}: cannot write there: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """The one place the data engine loads its models: tagger, grounding, segmenter, captioner, tag lists.
 
-Each loader takes a Hugging Face hub id (the real checkpoints of DESIGN.md) or a local folder (the
-tiny offline zoo built by `dataengine.tiny_models`) and goes through the library's own
+Each loader takes a Hugging Face hub id (the `full` profile's checkpoints, listed in
+docs/data-engine.md "Models") or a local folder (the tiny offline zoo built by
+`dataengine.tiny_models`) and goes through the library's own
 `from_pretrained`, so the tiny tests exercise exactly the code that loads the real weights.
 """
 
@@ -44,6 +45,65 @@ class ModelLoadError(OSError):
     """A model named in the config (hub id or local folder) cannot be found or loaded."""
 
 
+def read_model_config(
+    role: str, ref: str | os.PathLike, model_cls: type[PreTrainedModel]
+) -> tuple[str, AutoConfig]:
+    """Read the model config at `ref` (no weights) and check it is a `model_cls` checkpoint.
+
+    Cheap enough to run in the driver before any Ray worker starts, so a missing or wrong model
+    is one clear error rather than a failure inside every actor.
+
+    Returns:
+        (the ref as a string, local folders expanded; the config).
+
+    Raises:
+        ModelLoadError: a missing local folder, an unreadable config (e.g. a hub id that is neither
+            cached nor downloadable), or a checkpoint of another kind of model.
+    """
+    ref_str = os.fspath(ref)
+    if is_local_ref(ref_str):
+        path = Path(ref_str).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{role}: checkpoint folder {ref_str!r} does not exist. Build the tiny zoo with "
+                "`make tiny-models`, or point the profile at a hub id or a downloaded checkpoint."
+            )
+        ref_str = str(path)
+    try:
+        config = AutoConfig.from_pretrained(ref_str)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{role}: cannot read the model config of {ref_str!r}: {exc}") from exc
+    expected = model_cls.config_class.model_type
+    # from_pretrained only warns on a mismatch and then builds a randomly initialised default-size model.
+    if config.model_type != expected:
+        raise ModelLoadError(
+            f"{role}: {ref_str!r} holds a {config.model_type!r} checkpoint, expected {expected!r} "
+            f"({model_cls.__name__}); is the profile pointing at the right model?"
+        )
+    return ref_str, config
+
+
+def check_models(tagger: str | None, grounding: str, segmenter: str, captioner: str) -> None:
+    """Check that each role's checkpoint is there and of the right kind (configs only, no weights).
+
+    Args:
+        tagger: the CLIP tagger's ref, or None when the pipeline tags with another backend.
+        grounding, segmenter, captioner: the other roles' refs.
+
+    Raises:
+        ModelLoadError: naming the first role whose checkpoint is missing or of another kind.
+    """
+    roles = [
+        (ROLE_GROUNDING, grounding, GroundingDinoForObjectDetection),
+        (ROLE_SEGMENTER, segmenter, SamModel),
+        (ROLE_CAPTIONER, captioner, LlavaForConditionalGeneration),
+    ]
+    if tagger is not None:
+        roles.insert(0, (ROLE_TAGGER, tagger, CLIPModel))
+    for role, ref, model_cls in roles:
+        read_model_config(role, ref, model_cls)
+
+
 def _load(
     role: str,
     ref: str | os.PathLike,
@@ -58,27 +118,8 @@ def _load(
         ModelLoadError: `ref` is a missing local folder, holds another kind of model, or either
             half fails to load.
     """
-    ref_str = os.fspath(ref)
-    if is_local_ref(ref_str):
-        path = Path(ref_str).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(
-                f"{role}: checkpoint folder {ref_str!r} does not exist. Build the tiny zoo with "
-                "`make tiny-models`, or point the profile at a hub id or a downloaded checkpoint."
-            )
-        ref_str = str(path)
+    ref_str, config = read_model_config(role, ref, model_cls)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    try:
-        config = AutoConfig.from_pretrained(ref_str)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{role}: cannot read the model config of {ref_str!r}: {exc}") from exc
-    expected = model_cls.config_class.model_type
-    # from_pretrained only warns on a mismatch and then builds a randomly initialised default-size model.
-    if config.model_type != expected:
-        raise ModelLoadError(
-            f"{role}: {ref_str!r} holds a {config.model_type!r} checkpoint, expected {expected!r} "
-            f"({model_cls.__name__}); is the profile pointing at the right model?"
-        )
     try:
         model = model_cls.from_pretrained(ref_str, config=config, **kwargs)
         processor = processor_cls.from_pretrained(ref_str)

@@ -39,18 +39,29 @@ def output_dir(cfg: RunConfig, override: str | None) -> Path:
     return Path(override or cfg.pipeline.output.dir.format(pipeline=cfg.pipeline_name))
 
 
+def non_empty(value: str) -> str:
+    """An argparse type: a path or name that is not blank (an empty --input would mean the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dataengine/run.py", description="Mine inpainting quadruplets into WebDataset shards (lar-gen data engine)."
     )
-    parser.add_argument("--config", default="pipelines.yaml", help="pipelines file (default: pipelines.yaml)")
-    parser.add_argument("--pipeline", required=True, help="pipeline name in the config")
-    parser.add_argument("--profile", help="model profile (default: the pipeline's), e.g. tiny or full")
     parser.add_argument(
-        "--input", action="append", default=[], metavar="PATH",
+        "--config", default="pipelines.yaml", type=non_empty, help="pipelines file (default: pipelines.yaml)"
+    )
+    parser.add_argument("--pipeline", required=True, type=non_empty, help="pipeline name in the config")
+    parser.add_argument(
+        "--profile", type=non_empty, help="model profile (default: the pipeline's), e.g. tiny or full"
+    )
+    parser.add_argument(
+        "--input", action="append", default=[], metavar="PATH", type=non_empty,
         help="replace the pipeline's inputs: a folder, a .tar / brace pattern, or a .parquet/.csv table (repeatable)",
     )
-    parser.add_argument("--output", help="output folder (default: the pipeline's output.dir)")
+    parser.add_argument("--output", type=non_empty, help="output folder (default: the pipeline's output.dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
     parser.add_argument("--backend", choices=["ray", "local"], help="override engine.backend")
@@ -58,13 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (a config with several problems lists them joined by `; `)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, mine, print the summary table; returns the exit status."""
+    """Parse arguments, mine, print the summary table; returns the exit status.
+
+    Every problem a user can fix (config, inputs, output folder, models, RAY_ADDRESS) ends in one
+    `error: ...` line on stderr and status 2; images that fail are rows of the output, not errors.
+    """
     args = build_parser().parse_args(argv)
-    from dataengine.engine import mine
+    from dataengine.engine import RayConnectError, mine
     from dataengine.inputs import InputError
     from dataengine.models import ModelLoadError
-    from dataengine.shards import ResumeError
+    from dataengine.shards import OutputError, ResumeError
     from dataengine.stages.tag import TagBackendError
 
     try:
@@ -74,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.pipeline.inputs = [input_spec(p, per_shard) for p in args.input]
         out = output_dir(cfg, args.output)
         summary = mine(cfg, out, overwrite=args.overwrite, backend=args.backend, progress=not args.no_progress)
-    except (ConfigError, InputError, ResumeError, ModelLoadError, TagBackendError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (
+        ConfigError, InputError, OutputError, ResumeError, ModelLoadError, TagBackendError, RayConnectError
+    ) as exc:  # fmt: skip
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(summary.table())
     return 0

@@ -1,6 +1,6 @@
 """QuadrupletWriter: commit one output shard (tar + parquet + stats) atomically; know what is done.
 
-Per output shard `{shard:06d}` (DESIGN.md "Quadruplet shards (format v1)"):
+Per output shard `{shard:06d}` (docs/data-format.md, format v1):
 
 - `{shard}.tar`: the samples, in input order then instance order; tar headers are fixed (mtime 0,
   owner `lar-gen`, mode 0444), so the same samples always give the same bytes;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -60,17 +61,61 @@ class ResumeError(RuntimeError):
     """The output folder holds shards committed from other inputs or another config; rerun with --overwrite."""
 
 
+# The only names the writer creates in an output folder: committed files and their temporaries.
+OUTPUT_NAME = re.compile(r"^\.?\d{6}(\.tar|\.parquet|_stats\.json)(\.tmp)?$")
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used: a file, not creatable or writable, or holding other files."""
+
+
+def check_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Create the output folder if needed and check that mining into it loses nothing of the user's.
+
+    A folder that already exists may hold only what a run writes (`000123.tar`, `.parquet`,
+    `_stats.json` and their `.tmp` temporaries): resume and `--overwrite` replace and remove such
+    names, so any other file means the folder is someone else's (photos, another dataset).
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputError: naming the folder and what is wrong.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"output {str(out)!r}: a part of the path is a file, not a folder") from None
+    except OSError as exc:
+        raise OutputError(f"output {str(out)!r}: cannot create the folder: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"output {str(out)!r}: the folder is not writable")
+    foreign = sorted(p.name for p in out.iterdir() if not OUTPUT_NAME.match(p.name))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise OutputError(
+            f"output {str(out)!r} holds files a mining run does not write ({foreign[0]!r}{more}); "
+            "choose a new or empty folder"
+        )
+    return out
+
+
 class QuadrupletWriter:
     """Writes committed shards into one output folder and tells which shards are already committed.
 
     Args:
         out_dir: the output folder (created).
         cfg: the run's config; its hash is checked against committed shards on resume.
+
+    Raises:
+        OutputError: the folder cannot be used (`check_output_dir`).
     """
 
     def __init__(self, out_dir: str | os.PathLike, cfg: RunConfig):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = check_output_dir(out_dir)
         self.cfg = cfg
         self.config_hash = cfg.config_hash()
         self._remove_stale_temporaries()
@@ -90,7 +135,12 @@ class QuadrupletWriter:
         stats_path = self.path(shard, STATS_SUFFIX)
         if not stats_path.is_file():
             return False
-        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        try:
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResumeError(
+                f"{stats_path}: not a readable stats file ({exc}); use a new --output or --overwrite"
+            ) from exc
         if stats.get("input_fingerprint") != shard.fingerprint():
             raise ResumeError(
                 f"{stats_path}: committed from other input images than this run's shard {shard.name}; "
@@ -118,7 +168,8 @@ class QuadrupletWriter:
 
     def _remove_stale_temporaries(self) -> None:
         for tmp in self.out_dir.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
+            if OUTPUT_NAME.match(tmp.name):
+                tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ commit
 

@@ -37,17 +37,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ConfigError: the file is missing, is not valid YAML, or is not a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text (YAML) file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where (line, column)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -68,18 +85,50 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def set_path(data: dict[str, Any], keys: list[str], value: Any, prefix: str = "") -> None:
-    """Set `data[k0][k1]...` = value, creating mappings on the way; refuses to descend into a scalar."""
-    node = data
+    """Set `data[k0][k1]...` = value, creating mappings on the way.
+
+    A key part that meets a list is an index into it (`inputs.0.images_per_shard`); it must be a
+    whole number from 0 to len - 1, so `--set` only edits existing items (replace the whole list
+    with `--set inputs=[...]` to add or remove some).
+
+    Raises:
+        ConfigError: descending into a scalar, or a list index that is not a number or is out of range.
+    """
+    node: Any = data
     walked = prefix
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        parent = walked
         walked = f"{walked}.{key}" if walked else key
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
+        if isinstance(node, list):
+            index = _list_index(node, key, parent, walked)
+            if last:
+                node[index] = value
+                return
+            child = node[index]
+        else:
+            if last:
+                node[key] = value
+                return
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+        if not isinstance(child, dict | list):
             raise ConfigError(f"--set {walked}: {walked!r} is a value ({child!r}), not a section")
         node = child
-    node[keys[-1]] = value
+
+
+def _list_index(items: list[Any], key: str, list_key: str, walked: str) -> int:
+    """`key` as an index of `items` (the list at `list_key`), or a ConfigError naming both."""
+    size = f"{list_key!r} is a list of {len(items)} item{'' if len(items) == 1 else 's'}"
+    allowed = f"indexes 0 to {len(items) - 1}" if items else "no index is valid"
+    try:
+        index = int(key)
+    except ValueError:
+        raise ConfigError(f"--set {walked}: {size}: {key!r} is not an index ({allowed})") from None
+    if index < 0 or index >= len(items) or not key.isdigit():
+        raise ConfigError(f"--set {walked}: index {key} is out of range: {size} ({allowed})")
+    return index
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], base: list[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Generate the tiny offline model zoo (`make tiny-models`): every model role of DESIGN.md, tiny.
+"""Generate the tiny offline model zoo (`make tiny-models`): every model role of the project, tiny.
+
+The roles are those of pipelines.yaml's profiles (tagger, grounding, segmenter, captioner,
+inpaint, image prompt) plus a complete `LARGenPipeline`; docs/architecture.md "Models".
 
 Each package owns the recipes for its own roles (`dataengine.tiny_models.BUILDERS`,
 `inference.tiny_models.BUILDERS`); this script only orchestrates: it builds each missing

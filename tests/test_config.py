@@ -153,3 +153,87 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path):
         load_project(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_project(tmp_path / "absent.yaml")
+
+
+# --------------------------------------------------------------------------- `--set` into lists
+
+
+def test_set_indexes_into_a_list_of_pipelines_yaml(repo_root: Path):
+    run = load_run_config(
+        repo_root / "pipelines.yaml",
+        "sample",
+        profile="full",
+        overrides=["inputs.0.images_per_shard=3", "pipelines.sample.inputs.0.path=/data/photos"],
+    )
+    assert run.pipeline.inputs[0].images_per_shard == 3
+    assert run.pipeline.inputs[0].path == "/data/photos"
+    assert run.pipeline.inputs[0].kind == "images"  # the rest of the item is kept
+
+
+def test_set_indexes_into_a_list_of_a_training_config(repo_root: Path):
+    from training.config import load_train_config
+
+    stage1 = repo_root / "training" / "configs" / "stage1.yaml"
+    cfg = load_train_config(stage1, ["data.shards.0=/data/release/{000000..000009}.tar"])
+    assert cfg.data.shards == ["/data/release/{000000..000009}.tar"]
+    with pytest.raises(ConfigError, match=r"--set data\.shards\.1: index 1 is out of range: 'data\.shards' is a list of 1 item"):
+        load_train_config(stage1, ["data.shards.1=/x.tar"])
+    with pytest.raises(ConfigError, match=r"'data\.shards\.0' is a value .*not a section"):
+        load_train_config(stage1, ["data.shards.0.path=/x.tar"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("inputs.1.images_per_shard=3",
+         r"^--set pipelines\.sample\.inputs\.1: index 1 is out of range: 'pipelines\.sample\.inputs' is a list of 1 item "
+         r"\(indexes 0 to 0\)$"),
+        ("inputs.-1.images_per_shard=3", r"^--set pipelines\.sample\.inputs\.-1: index -1 is out of range: .* list of 1 item"),
+        ("inputs.first.images_per_shard=3", r"^--set pipelines\.sample\.inputs\.first: .* list of 1 item: 'first' is not an index"),
+        ("inputs.0.images_per_shard=many",
+         r"^.*pipelines\.yaml: pipelines\.sample\.inputs\.0\.images_per_shard: Input should be a valid integer"),
+        ("inputs.0.images_per_shard=0",
+         r"pipelines\.sample\.inputs\.0\.images_per_shard: Input should be greater than or equal to 1 \(got 0\)"),
+        ("inputs.0.folder=/x", r"pipelines\.sample\.inputs\.0\.folder: unknown key; allowed keys: kind, path"),
+    ],
+)  # fmt: skip
+def test_bad_list_index_names_the_key_and_the_length(repo_root: Path, override: str, message: str):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_run_config(repo_root / "pipelines.yaml", "sample", profile="full", overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_configs_are_one_line_errors(tmp_path: Path, monkeypatch):
+    from dataengine.typed_config import read_yaml
+
+    with pytest.raises(ConfigError, match=r"is a folder, not a YAML file"):
+        read_yaml(tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ConfigError, match=r"is not a UTF-8 text \(YAML\) file"):
+        read_yaml(binary)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profiles: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(bad)
+    assert "\n" not in str(info.value) and "at line 2, column 1" in str(info.value)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("a: 1\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # root reads a chmod 000 file, so simulate the refusal
+    with pytest.raises(ConfigError, match=r"ok\.yaml' cannot be read: Permission denied"):
+        read_yaml(ok)
+
+
+def test_ram_tagger_is_a_checkpoint_file(repo_root: Path, tmp_path: Path):
+    checkpoint = tmp_path / "ram_plus_swin_large_14m.pth"
+    checkpoint.write_bytes(b"weights")
+    run = load_run_config(repo_root / "pipelines.yaml", "default", profile="full",
+                          overrides=["tag.backend=ram", f"profiles.full.tagger={checkpoint}"])  # fmt: skip
+    assert run.profile.tagger == str(checkpoint)
+    with pytest.raises(ConfigError, match=r"profiles\.full\.tagger: local file .* does not exist"):
+        load_run_config(repo_root / "pipelines.yaml", "default", profile="full",
+                        overrides=["tag.backend=ram", f"profiles.full.tagger={tmp_path}"])  # fmt: skip

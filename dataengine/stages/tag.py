@@ -83,6 +83,23 @@ class TagStage(Stage):
         return out
 
 
+def require_ram() -> None:
+    """Check that the recognize-anything package (`tag.backend: ram`) can be imported.
+
+    Raises:
+        TagBackendError: it is not installed; the message says how to install it or what to use instead.
+    """
+    try:
+        import ram  # noqa: F401
+        import ram.models  # noqa: F401
+    except ImportError as exc:
+        raise TagBackendError(
+            "tag.backend is 'ram' but the recognize-anything package is not installed: "
+            "pip install git+https://github.com/xinyu1205/recognize-anything.git, "
+            "point profiles.<name>.tagger at the RAM++ checkpoint, or use tag.backend: clip"
+        ) from exc
+
+
 class RamTagger:
     """RAM / RAM++ (recognize-anything): image → its tags, each scored 1.0 (RAM gives no calibrated score).
 
@@ -91,15 +108,10 @@ class RamTagger:
     """
 
     def __init__(self, checkpoint: str, device: str):
-        try:
-            from ram import get_transform, inference_ram
-            from ram.models import ram_plus
-        except ImportError as exc:
-            raise TagBackendError(
-                "tag.backend is 'ram' but the recognize-anything package is not installed: "
-                "pip install git+https://github.com/xinyu1205/recognize-anything.git, "
-                "point profiles.<name>.tagger at the RAM++ checkpoint, or use tag.backend: clip"
-            ) from exc
+        require_ram()
+        from ram import get_transform, inference_ram
+        from ram.models import ram_plus
+
         self.transform = get_transform(image_size=384)
         self.inference = inference_ram
         self.model = ram_plus(pretrained=checkpoint, image_size=384, vit="swin_l").eval().to(device)

@@ -109,12 +109,17 @@ def reference_run(sample_cfg: RunConfig, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def ray_local():
-    """One embedded Ray for the session's in-process Ray tests (2 CPUs, no dashboard)."""
+    """The embedded Ray of this pytest process for in-process Ray tests (2 CPUs, no dashboard).
+
+    Started by the first test that needs it and kept for the next ones (Ray exits with the
+    process); started again if something shut it down in between (tests/test_docs.py does, to free
+    Ray's default ports for the docs' own `ray start`).
+    """
     ray = pytest.importorskip("ray")
     os.environ.pop("RAY_ADDRESS", None)
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+        # "local": a new instance, never a cluster some `ray start` on this machine left recorded.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    return ray
