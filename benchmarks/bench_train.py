@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py loader   # samples/s at 512 px, 2 workers, vs raw tar read + JPEG decode
     python benchmarks/bench_train.py step     # trainer step vs a bare diffusers UNet forward+backward
-    python benchmarks/bench_train.py learn    # training/learning_check.py, long version
+    python benchmarks/bench_train.py learn    # training/learning_check.py, stage 1 + stage 2, over 5 seeds
     python benchmarks/bench_train.py all
 
 Prints one JSON object per benchmark; docs/benchmarks.md and docs/training.md record the figures.
@@ -223,20 +223,49 @@ def bench_step(batch_size: int = 8, resolution: int = 64, repeats: int = 10) -> 
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def bench_learn(steps: int, work: str | None) -> dict:
-    """The learning check with the test's settings (16 px, batch 16, lr 2e-3), `steps` long."""
-    from training.learning_check import run_learning_check
+def bench_learn(steps: int | None, refine_steps: int | None, seeds: int, work: str | None) -> dict:
+    """The learning checks with the test's settings, over `seeds` seeds: stage 1, then stage 2 from its export.
 
+    Returns per-seed ratios (loss with the true condition / with a shuffled one, inside the hole;
+    Refine on / off) and their min / median / max, the figures docs/training.md records.
+    """
+    import statistics
+
+    from training.learning_check import LEARN_STEPS, REFINE_STEPS, run_learning_check, run_refine_check
+
+    steps, refine_steps = steps or LEARN_STEPS, refine_steps or REFINE_STEPS
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        report = run_learning_check(zoo() / "largen-pipeline", work or tmp, steps=steps, resolution=16,
-                                    batch_size=16, learning_rate=2e-3)
-    return {"benchmark": "learn", **report}
+        for seed in range(seeds):
+            base = Path(work or tmp) / f"seed{seed}"
+            stage1 = run_learning_check(zoo() / "largen-pipeline", base / "stage1", steps=steps, seed=seed)
+            stage2 = run_refine_check(stage1["export_dir"], base / "stage2", steps=refine_steps, seed=seed)
+            runs.append({"seed": seed, "stage1_seconds": stage1["train_seconds"],
+                         "stage2_seconds": stage2["train_seconds"],
+                         **{f"stage1_{k}": round(v, 3) for k, v in stage1["ratios"].items()},
+                         **{f"stage2_{k}": round(v, 3) for k, v in stage2["ratios"].items()}})
+            print(json.dumps({"benchmark": "learn", **runs[-1]}), flush=True)
+    summary = {key: {"min": min(r[key] for r in runs), "median": statistics.median(r[key] for r in runs),
+                     "max": max(r[key] for r in runs)}
+               for key in runs[0] if key.startswith(("stage1_", "stage2_"))}
+    return {"benchmark": "learn", "steps": steps, "refine_steps": refine_steps, "seeds": seeds,
+            "threads": torch.get_num_threads(), "summary": summary}
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into `prog: error: ...`, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["loader", "step", "learn", "all"])
-    parser.add_argument("--learn-steps", type=int, default=1000)
+    parser.add_argument("--learn-steps", type=positive, default=None, help="stage-1 steps of the learn check (default: the test's)")
+    parser.add_argument("--refine-steps", type=positive, default=None, help="stage-2 steps of the learn check (default: the test's)")
+    parser.add_argument("--seeds", type=positive, default=5, help="learn: seeds 0..N-1")
     parser.add_argument("--work", default=None, help="keep the learn check's files here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; the test uses 1)")
     args = parser.parse_args(argv)
@@ -246,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which in ("step", "all"):
         print(json.dumps(bench_step()), flush=True)
     if args.which in ("learn", "all"):
-        print(json.dumps(bench_learn(args.learn_steps, args.work)), flush=True)
+        print(json.dumps(bench_learn(args.learn_steps, args.refine_steps, args.seeds, args.work)), flush=True)
     return 0
 
 

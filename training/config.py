@@ -225,7 +225,8 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainC
     """Read a stage YAML, apply `--set` overrides (dotted keys), validate and expand paths.
 
     Raises:
-        ConfigError: a missing file, bad YAML, an unknown key, a bad value, or an unset env var.
+        ConfigError: a missing, unreadable or binary file, bad YAML, an unknown key, a bad value,
+            or an unset env var.
     """
     data = apply_overrides(read_yaml(path), overrides)
     return validate(TrainConfig, data, source=str(path)).resolved()

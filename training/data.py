@@ -19,11 +19,15 @@ uninterrupted run would have yielded next. The DataLoader must be built by `make
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import random
+import re
 import tarfile
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -56,14 +60,43 @@ SKIP_EMPTY_MASK = "empty_mask"  # nothing to inpaint
 SKIP_PREPROCESS = "preprocess"  # anything else that failed while building the model inputs
 
 
+GLOB_CHARS = re.compile(r"[*?\\[]")
+WARN_FIRST = 5  # full warnings of one kind before they are summarised
+WARN_INTERVAL_S = 60.0  # at most one summary line per kind per interval
+MAX_MESSAGE = 300  # characters of an exception shown in a warning
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+
+
+def _is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # len 1: a Windows drive letter
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
 def expand_shards(shards: list[str] | str) -> list[str]:
-    """Expand brace patterns (`{000000..000009}.tar`) and `::`-joined lists into shard URLs.
+    """Expand brace patterns (`{000000..000009}.tar`), `::`-joined lists and globs (`*.tar`) into shard URLs.
+
+    Globs are matched now (local paths, and fsspec URLs through their filesystem), sorted; a glob
+    that matches nothing contributes nothing.
 
     Raises:
         ValueError: nothing is left after expansion.
     """
     items = [shards] if isinstance(shards, str) else list(shards)
-    urls = [url for item in items for url in wds.shardlists.expand_urls(item)]
+    urls: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(item):
+            if not GLOB_CHARS.search(url):
+                urls.append(url)
+            elif _is_local(url):
+                prefix = "file://" if url.startswith("file://") else ""
+                urls += [prefix + m for m in sorted(glob.glob(_local_path(url)))]
+            else:
+                fs, _, paths = fsspec.get_fs_token_paths(url)
+                urls += sorted(fs.unstrip_protocol(p) for p in paths)
     if not urls:
         raise ValueError(f"no shards in {shards!r}")
     return urls
@@ -71,10 +104,182 @@ def expand_shards(shards: list[str] | str) -> list[str]:
 
 def open_shard(url: str):
     """Open a shard for streaming: a local path or `file://` directly, any other scheme through fsspec."""
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
-        return open(url[len("file://") :] if url.startswith("file://") else url, "rb")  # noqa: SIM115
+    if _is_local(url):
+        return open(_local_path(url), "rb")  # noqa: SIM115
     return fsspec.open(url, "rb").open()
+
+
+def describe_error(exn: BaseException) -> str:
+    """`Type: first line of the message`, shortened: what a log line or an error message shows of an exception."""
+    text = str(exn.args[0]) if isinstance(exn, OSError | tarfile.TarError) and exn.args else str(exn)
+    if isinstance(exn, OSError) and exn.strerror:
+        text = exn.strerror
+    line = (text.strip().splitlines() or [""])[0].split(" @ <")[0]  # webdataset appends " @ <stream repr>"
+    if len(line) > MAX_MESSAGE:
+        line = line[: MAX_MESSAGE - 3] + "..."
+    return f"{type(exn).__name__}: {line}" if line else type(exn).__name__
+
+
+def probe_shard(url: str, opener: Callable[[str], Any] = open_shard) -> str | None:
+    """Why `url` cannot be a shard (missing, a folder, unreadable, not a tar, empty), or None when it starts well.
+
+    Reads only the first tar header (512 bytes), so it is cheap enough to run on every local
+    shard before training.
+    """
+    if _is_local(url):
+        path = _local_path(url)
+        if not os.path.exists(path):
+            return "does not exist"
+        if os.path.isdir(path):
+            return "is a folder, not a tar file"
+    try:
+        with opener(url) as stream:
+            head = stream.read(tarfile.BLOCKSIZE)
+    except Exception as exn:  # any opener failure (OSError, a missing fsspec backend, ...) is the answer
+        return f"cannot be read ({describe_error(exn)})"
+    if not head:
+        return "is empty"
+    if head.startswith(COMPRESSED_MAGIC):
+        return None  # a compressed tar (webdataset reads them with "r|*"): the stream itself will tell
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return "is an empty tar (no member)"
+    except tarfile.HeaderError:
+        return "is not a tar file"
+    return None
+
+
+class ShardError(ValueError):
+    """No shard of a shard list can be read; the message names the list and why."""
+
+
+def check_shards(shards: list[str] | str, what: str = "data.shards", remote_probes: int = 3,
+                 opener: Callable[[str], Any] = open_shard) -> list[str]:
+    """Resolve a shard list and keep the shards that can be read; fail before training when none can.
+
+    Every local shard is probed (`probe_shard`); remote ones (fsspec URLs) are probed until one
+    reads, at most `remote_probes` of them, and the rest are trusted (a remote shard that fails
+    later is counted by the loader like any broken stream). Unreadable shards are left out with
+    one warning.
+
+    Returns:
+        The shard URLs to train on.
+
+    Raises:
+        ShardError: the list expands to nothing, or no probed shard can be read.
+    """
+    try:
+        urls = expand_shards(shards)
+    except ValueError:
+        raise ShardError(f"{what} {_shown(shards)}: matches no shard") from None
+    except Exception as exn:  # e.g. an fsspec glob on a backend that is not installed
+        raise ShardError(f"{what} {_shown(shards)}: cannot list the shards ({describe_error(exn)})") from None
+    bad: dict[str, str] = {}
+    remote_ok, remote_tried = False, 0
+    for url in urls:
+        if not _is_local(url):
+            if remote_ok or remote_tried >= remote_probes:
+                continue
+            remote_tried += 1
+        reason = probe_shard(url, opener)
+        if reason is None:
+            remote_ok = remote_ok or not _is_local(url)
+        else:
+            bad[url] = reason
+    good = [u for u in urls if u not in bad]
+    if not remote_ok and not any(_is_local(u) for u in good):  # nothing was shown to be readable
+        first, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
+        hint = ""
+        if reason == "does not exist" and "{" in str(shards):
+            hint = "; check the pattern against the file names (`make shards` writes train-000000.tar ...)"
+        raise ShardError(
+            f"{what} {_shown(shards)}: no readable shard among {len(urls)}: {first} {reason}{more}{hint}"
+        )
+    if bad:
+        first, reason = next(iter(bad.items()))
+        logger.warning("%s: leaving out %d of %d shard(s) that cannot be read, e.g. %s %s",
+                       what, len(bad), len(urls), first, reason)
+    return good
+
+
+def _shown(shards: list[str] | str) -> str:
+    return repr(shards[0]) if isinstance(shards, list) and len(shards) == 1 else repr(shards)
+
+
+class WarningLimiter:
+    """Rate-limited warnings: the first `first` of each kind in full, then at most one summary per `interval` s.
+
+    A data stream can fail thousands of times a second (a missing shard drawn again and again);
+    this bounds what it writes to the log whatever the failure mode.
+    """
+
+    def __init__(self, log: logging.Logger, first: int = WARN_FIRST, interval: float = WARN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.log, self.first, self.interval, self.clock = log, first, interval, clock
+        self.counts: Counter[str] = Counter()
+        self.pending: Counter[str] = Counter()
+        self.last: dict[str, float] = {}
+
+    def warn(self, kind: str, message: str) -> None:
+        """Log `message` (one line) as a warning of `kind`, or count it for the next summary."""
+        self.counts[kind] += 1
+        n = self.counts[kind]
+        if n <= self.first:
+            tail = f" (more {kind} warnings are summarised, at most one line per {self.interval:.0f} s)" \
+                if n == self.first else ""
+            self.log.warning("%s%s", message, tail)
+            self.last[kind] = self.clock()
+            return
+        self.pending[kind] += 1
+        now = self.clock()
+        if now - self.last[kind] >= self.interval:
+            self.log.warning("%d more %s warning(s) (%d in all); the latest: %s", self.pending[kind], kind, n, message)
+            self.pending[kind] = 0
+            self.last[kind] = now
+
+
+class FailureTracker:
+    """Counts failures by reason and in a row for one stream; stops it after `limit` failures in a row.
+
+    A failure is a sample that cannot be used or a shard stream that yields nothing usable (cannot
+    be opened, is not a tar, is truncated, is empty); a built sample resets the run. So a stream
+    whose shards are all missing or broken stops after `limit` attempts instead of looping.
+    """
+
+    def __init__(self, limit: int, skipped: Counter, warnings: WarningLimiter):
+        self.limit, self.skipped, self.warnings = limit, skipped, warnings
+        self.in_a_row = 0
+        self.last = ""
+
+    def fail(self, reason: str, message: str, defer: bool = False) -> None:
+        """Record one failure.
+
+        Args:
+            defer: only record; the caller raises with `check()` later. For webdataset's error
+                handlers, whose exceptions webdataset's own handler would catch and swallow.
+
+        Raises:
+            NoSamplesError: `limit` failures in a row (unless deferred).
+        """
+        self.skipped[reason] += 1
+        self.in_a_row += 1
+        self.last = message
+        self.warnings.warn(reason, message)
+        if not defer:
+            self.check()
+
+    def check(self) -> None:
+        """Raise NoSamplesError when `limit` failures in a row have been recorded."""
+        if self.in_a_row >= self.limit:
+            raise NoSamplesError(
+                f"{self.in_a_row} shards/samples in a row failed (data.max_consecutive_failures); "
+                f"the last: {self.last}; skipped so far: {dict(self.skipped)}"
+            )
+
+    def ok(self) -> None:
+        self.in_a_row = 0
 
 
 @dataclass
@@ -328,61 +533,71 @@ class QuadrupletStream(IterableDataset):
         self.state = state or LoaderState(num_workers=max(1, cfg.num_workers))
 
     # ------------------------------------------------------------------ raw samples
-    def _read_shard(self, url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
+    def _read_shard(self, url: str, failures: FailureTracker) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard; a stream that breaks or yields nothing counts as one `tar` failure."""
         failed = False
+        produced = 0
 
         def on_tar_error(exn: Exception) -> bool:
             # One event per shard: the rest of a broken tar stream cannot be trusted.
             nonlocal failed
             if not failed:
-                skipped[SKIP_TAR] += 1
-                logger.warning("unreadable tar stream %s: %s", url, exn)
-            failed = True
+                failed = True
+                failures.fail(SKIP_TAR, f"unreadable tar stream {url}: {describe_error(exn)}", defer=True)
             return False
 
         def on_group_error(exn: Exception) -> bool:
-            skipped[SKIP_DECODE] += 1  # e.g. a duplicate member name
-            logger.warning("bad sample in %s: %s", url, exn)
+            # e.g. a duplicate member name
+            failures.fail(SKIP_DECODE, f"bad sample in {url}: {describe_error(exn)}", defer=True)
             return True
 
         try:
             stream = open_shard(url)
-        except (OSError, ValueError) as exn:
+        except Exception as exn:  # missing, a folder, permission denied, an fsspec backend error...
             on_tar_error(exn)
+            failures.check()
             return
         try:
             files = tar_file_expander([{"url": url, "stream": stream}], handler=on_tar_error)
-            yield from group_by_keys(files, handler=on_group_error)
+            for sample in group_by_keys(files, handler=on_group_error):
+                failures.check()
+                produced += 1
+                yield sample
         finally:
             stream.close()
+        if produced == 0 and not failed:
+            # An empty tar would otherwise be drawn again and again without any failure being counted.
+            failures.fail(SKIP_TAR, f"shard {url} holds no sample", defer=True)
+        failures.check()
 
-    def _raw_samples(self, role: int, roles: int, skipped: Counter) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, role: int, roles: int, failures: FailureTracker) -> Iterator[dict[str, Any]]:
         """Infinite raw samples for one global worker role (`role` of `roles` over all processes)."""
         if self.cfg.resampled:
             # Shards drawn with replacement, per-role seeded: roles see independent streams.
             rng = random.Random(f"{self.seed}:shards:{role}")
             while True:
-                yield from self._read_shard(rng.choice(self.urls), skipped)
+                yield from self._read_shard(rng.choice(self.urls), failures)
         for epoch in count():
             order = list(self.urls)
             random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
             produced = 0
             if len(order) >= roles:
                 for url in order[role::roles]:
-                    for sample in self._read_shard(url, skipped):
+                    for sample in self._read_shard(url, failures):
                         produced += 1
                         yield sample
             else:  # fewer shards than roles: every role reads all, keeps every roles-th sample
                 index = 0
                 for url in order:
-                    for sample in self._read_shard(url, skipped):
+                    for sample in self._read_shard(url, failures):
                         if index % roles == role:
                             produced += 1
                             yield sample
                         index += 1
             if produced == 0:
                 raise NoSamplesError(
-                    f"worker role {role} of {roles} got no sample in a whole epoch over {len(order)} shard(s); "
+                    f"worker role {role} of {roles} got no sample in a whole epoch over {len(order)} shard(s) "
+                    f"(skipped: {dict(failures.skipped) or 'none'}); "
                     "use fewer workers/processes, more shards, or data.resampled=true"
                 )
 
@@ -400,15 +615,15 @@ class QuadrupletStream(IterableDataset):
         global_role = self.rank * num_workers + role
         roles = self.world_size * num_workers
         skipped: Counter[str] = Counter(self.state.skipped.get(role, {}))
+        failures = FailureTracker(self.cfg.max_consecutive_failures, skipped, WarningLimiter(logger))
         start = self.state.cursors.get(role, 0)
         shuffle_rng = random.Random(f"{self.seed}:shuffle:{global_role}")
-        raw = self._raw_samples(global_role, roles, skipped)
+        raw = self._raw_samples(global_role, roles, failures)
         stream = wds.filters._shuffle(
             raw, bufsize=self.cfg.shuffle_buffer, initial=min(self.cfg.shuffle_initial, self.cfg.shuffle_buffer),
             rng=shuffle_rng,
         )
         batch: list[dict[str, Any]] = []
-        failures = 0
         for position, raw_sample in enumerate(stream):
             if position < start:
                 continue  # consumed before the checkpoint: skip without decoding
@@ -416,17 +631,17 @@ class QuadrupletStream(IterableDataset):
             try:
                 quad = decode_sample(raw_sample)
             except ValueError as exn:
-                failures = self._skip(skipped, SKIP_DECODE, exn, failures)
+                failures.fail(SKIP_DECODE, f"skipping a sample (decode): {describe_error(exn)}")
                 continue
             try:
                 example = self.builder(quad, rng)
             except EmptyMaskError as exn:
-                failures = self._skip(skipped, SKIP_EMPTY_MASK, exn, failures)
+                failures.fail(SKIP_EMPTY_MASK, f"skipping a sample (empty_mask): {exn}")
                 continue
             except Exception as exn:  # a per-sample failure must not end the run; counted and logged
-                failures = self._skip(skipped, SKIP_PREPROCESS, exn, failures)
+                failures.fail(SKIP_PREPROCESS, f"skipping a sample (preprocess): {describe_error(exn)}")
                 continue
-            failures = 0
+            failures.ok()
             batch.append(example)
             if len(batch) == self.cfg.batch_size:
                 out = collate(batch)
@@ -436,15 +651,13 @@ class QuadrupletStream(IterableDataset):
                 yield out
                 batch = []
 
-    def _skip(self, skipped: Counter, reason: str, exn: Exception, failures: int) -> int:
-        skipped[reason] += 1
-        logger.warning("skipping a sample (%s): %s", reason, exn)
-        failures += 1
-        if failures >= self.cfg.max_consecutive_failures:
-            raise NoSamplesError(
-                f"{failures} samples in a row failed (last: {exn}); skipped so far: {dict(skipped)}"
-            )
-        return failures
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), the bound torch's DataLoader warns against exceeding."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def make_dataloader(stream: QuadrupletStream) -> DataLoader:
@@ -460,22 +673,43 @@ def make_dataloader(stream: QuadrupletStream) -> DataLoader:
     )
 
 
+def stop_workers(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's worker processes now.
+
+    An iterator left to the garbage collector after an exception (its traceback keeps it alive)
+    makes torch wait 5 s per worker before giving up on them; a failed run should end at once.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def read_quadruplets(shards: list[str], limit: int) -> list[Quadruplet]:
-    """The first `limit` decodable quadruplets of `shards` in order (validation samples; broken ones skipped)."""
+    """The first `limit` decodable quadruplets of `shards` in order (validation samples; broken ones skipped).
+
+    Problems are logged through a `WarningLimiter`: a long list of missing shards, read again at
+    every validation, says so in a few lines.
+    """
     found: list[Quadruplet] = []
+    warnings = WarningLimiter(logger)
+
+    def on_error(exn: Exception) -> bool:
+        warnings.warn("validation", f"validation: skipping a broken part of {url}: {describe_error(exn)}")
+        return True
+
     for url in expand_shards(shards):
         try:
             with open_shard(url) as stream:
-                files = tar_file_expander([{"url": url, "stream": stream}], handler=wds.warn_and_continue)
-                for raw in group_by_keys(files, handler=wds.warn_and_continue):
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=on_error)
+                for raw in group_by_keys(files, handler=on_error):
                     try:
                         found.append(decode_sample(raw))
                     except ValueError as exn:
-                        logger.warning("validation: skipping %s", exn)
+                        warnings.warn("validation", f"validation: skipping {describe_error(exn)}")
                     if len(found) >= limit:
                         return found
         except (OSError, tarfile.TarError) as exn:
-            logger.warning("validation: cannot read %s: %s", url, exn)
+            warnings.warn("validation", f"validation: cannot read {url}: {describe_error(exn)}")
     return found
 
 
@@ -485,11 +719,19 @@ __all__ = [
     "NoSamplesError",
     "QuadrupletStream",
     "TrainingExampleBuilder",
+    "FailureTracker",
+    "ShardError",
+    "WarningLimiter",
     "augment_mask",
+    "available_cpus",
+    "check_shards",
     "collate",
+    "describe_error",
     "expand_shards",
     "make_dataloader",
-    "pixels_to_unit_range",
     "open_shard",
+    "pixels_to_unit_range",
+    "probe_shard",
     "read_quadruplets",
+    "stop_workers",
 ]

@@ -43,15 +43,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dataengine.typed_config import ConfigError
+from inference.loading import CheckpointNotFoundError, _looks_like_local_path
 from inference.model import LARGenModel
 from inference.pipeline import LARGenPipeline
 from training.config import TrainConfig, load_train_config
 from training.data import (
     LoaderState,
+    NoSamplesError,
     QuadrupletStream,
+    ShardError,
     TrainingExampleBuilder,
+    available_cpus,
+    check_shards,
+    describe_error,
     make_dataloader,
     pixels_to_unit_range,
+    stop_workers,
 )
 from training.validation import log_validation
 
@@ -62,6 +69,12 @@ TRAINABLE_WEIGHTS = "trainable.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 TRAINER_STATE = "trainer_state.json"
 EXPORT_DIR = "final"
+SUMMARY_FILE = "train_summary.json"
+FINAL_LOSS_STEPS = 10  # the summary's final loss is the mean over this many last steps
+
+
+class TrainInputError(ValueError):
+    """A bad input of a training run (a path, a checkpoint, a config value); reported as one line, exit 2."""
 
 
 @dataclass
@@ -74,6 +87,12 @@ class TrainResult:
     export_dir: str | None = None
     checkpoints: list[str] = field(default_factory=list)
     samples_per_second: float = 0.0
+    wall_seconds: float = 0.0
+
+    def final_loss(self, last: int = FINAL_LOSS_STEPS) -> float | None:
+        """Mean loss of the last `last` steps of this run (None when it ran no step)."""
+        tail = self.losses[-last:]
+        return sum(tail) / len(tail) if tail else None
 
 
 class ConditionedDenoiser(nn.Module):
@@ -116,23 +135,109 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+def resolve_resume(output_dir: Path, resume: str | None, stage: int | None = None) -> Path | None:
     """The checkpoint to resume from: `latest` (None when there is none yet) or a path.
 
+    Args:
+        stage: when given, the checkpoint must have been written by this stage.
+
     Raises:
-        FileNotFoundError: an explicit checkpoint path does not exist.
+        TrainInputError: an explicit path does not exist or is not a complete checkpoint, or the
+            checkpoint belongs to another stage.
     """
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_absolute() and not path.exists():
-        path = output_dir / resume
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: {path} is not a complete checkpoint")
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not path.is_absolute() and not path.exists():
+            path = output_dir / resume
+        if not path.exists():
+            raise TrainInputError(f"--resume_from_checkpoint {resume}: {path} does not exist "
+                                  f"(give 'latest' or a checkpoint-<step> folder)")
+        if not (path / TRAINER_STATE).is_file():
+            raise TrainInputError(f"--resume_from_checkpoint {resume}: {path} is not a complete checkpoint "
+                                  f"(no {TRAINER_STATE})")
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        written_by = int(state["stage"]) if "stage" in state else None
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exn:
+        raise TrainInputError(f"--resume_from_checkpoint: {path / TRAINER_STATE} is unreadable "
+                              f"({describe_error(exn)})") from None
+    if stage is not None and written_by is not None and written_by != stage:
+        raise TrainInputError(f"--resume_from_checkpoint: {path} was written by stage {written_by}, "
+                              f"this run is stage {stage}; use another output.dir")
     return path
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Create `output.dir` (and its parents) and make sure files can be written in it.
+
+    Raises:
+        TrainInputError: it is an existing file, or it cannot be created or written.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainInputError(f"output.dir {str(out_dir)!r} is an existing file, not a folder")
+    probe = out_dir / f".write-test-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exn:
+        raise TrainInputError(f"output.dir {str(out_dir)!r} cannot be written ({describe_error(exn)})") from None
+
+
+def check_model_source(cfg: TrainConfig) -> None:
+    """Fail early when the starting model is a local folder that is missing or not the right kind.
+
+    Hub ids (`owner/name`) are left to the loader.
+
+    Raises:
+        TrainInputError: `model.pretrained` is not a pipeline folder, or a `model.base` folder is missing.
+    """
+    if cfg.model.pretrained is not None:
+        ref = cfg.model.pretrained
+        if not _looks_like_local_path(ref):
+            return
+        path = Path(ref).expanduser()
+        hint = ("; stage 2 starts from the stage-1 export (OUT/stage1/final): run stage 1 first "
+                "(`make train` does both)") if cfg.stage == 2 else ""
+        if not path.exists():
+            raise TrainInputError(f"model.pretrained {ref!r} does not exist{hint}")
+        if not (path / "model_index.json").is_file():
+            what = "a file" if path.is_file() else "a folder without model_index.json"
+            raise TrainInputError(f"model.pretrained {ref!r} is not a LARGenPipeline folder ({what}){hint}")
+        return
+    base = cfg.model.base
+    for key, ref in (("model.base.inpaint", base.inpaint), ("model.base.image_prompt", base.image_prompt)):
+        if _looks_like_local_path(ref) and not Path(ref).expanduser().is_dir():
+            raise TrainInputError(f"{key} {ref!r} is not a folder (give a hub id or a downloaded checkpoint)")
+
+
+def preflight(cfg: TrainConfig, resume_from_checkpoint: str | None) -> tuple[Path | None, list[str]]:
+    """Check every input of a run before anything is loaded or written (cheap; every process runs it).
+
+    Returns:
+        (the checkpoint to resume from or None, the readable training shard URLs).
+
+    Raises:
+        TrainInputError / ShardError: with one line naming the key or argument and what is wrong.
+    """
+    out_dir = Path(cfg.output.dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainInputError(f"output.dir {str(out_dir)!r} is an existing file, not a folder")
+    resume_path = resolve_resume(out_dir, resume_from_checkpoint, stage=cfg.stage)
+    check_model_source(cfg)
+    shards = check_shards(cfg.data.shards, "data.shards")
+    if cfg.validation.every and cfg.validation.shards:
+        check_shards(cfg.validation.shards, "validation.shards")
+    check_output_dir(out_dir)
+    return resume_path, shards
 
 
 def load_model(cfg: TrainConfig) -> tuple[LARGenPipeline, LARGenModel]:
@@ -205,21 +310,34 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
         TrainResult (losses of the steps this call ran).
 
     Raises:
-        ConfigError / FileNotFoundError / ValueError: bad config, missing model or checkpoint.
+        TrainInputError / ShardError: a bad path, model, checkpoint or shard list (checked before
+            anything is loaded or written, see `preflight`).
+        NoSamplesError: the data stream stopped (data.max_consecutive_failures in a row failed).
     """
+    t_begin = time.perf_counter()
     out_dir = Path(cfg.output.dir)
     opt = cfg.optim
+    resume_path, shard_urls = preflight(cfg, resume_from_checkpoint)
+    workers = min(cfg.data.num_workers, available_cpus())
+    if workers != cfg.data.num_workers:
+        # More workers than CPUs only adds processes that compete for the same cores (torch warns).
+        logger.info("data.num_workers=%d capped to %d, the CPUs available", cfg.data.num_workers, workers)
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.num_workers = workers
     # 1. Accelerator: accumulation, precision, tensorboard, checkpoint folders named by us.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=opt.gradient_accumulation_steps,
-        mixed_precision=opt.mixed_precision,
-        log_with="tensorboard",
-        # No find_unused_parameters: every parameter trainable_parameters() returns reaches the loss
-        # (stage 2 leaves out RefineNet's attn2 layers after its last captured decoder input).
-        project_config=ProjectConfiguration(
-            project_dir=str(out_dir), logging_dir=str(out_dir / "logs"), automatic_checkpoint_naming=False
-        ),
-    )
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=opt.gradient_accumulation_steps,
+            mixed_precision=opt.mixed_precision,
+            log_with="tensorboard",
+            # No find_unused_parameters: every parameter trainable_parameters() returns reaches the loss
+            # (stage 2 leaves out RefineNet's attn2 layers after its last captured decoder input).
+            project_config=ProjectConfiguration(
+                project_dir=str(out_dir), logging_dir=str(out_dir / "logs"), automatic_checkpoint_naming=False
+            ),
+        )
+    except ValueError as exn:  # e.g. fp16 without a GPU
+        raise TrainInputError(f"optim.mixed_precision={opt.mixed_precision}: {describe_error(exn)}") from None
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -227,7 +345,12 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     device = accelerator.device
 
     # 2. Models: the LAR-Gen model from the pipeline folder, plus the frozen VAE and text encoder.
-    pipe, model = load_model(cfg)
+    try:
+        pipe, model = load_model(cfg)
+    except (CheckpointNotFoundError, OSError, ValueError, KeyError) as exn:
+        key = "model.pretrained" if cfg.model.pretrained is not None else "model.base"
+        source = cfg.model.pretrained or cfg.model.base.inpaint
+        raise TrainInputError(f"{key} {source!r} cannot be loaded: {describe_error(exn)}") from None
     vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     trainable = freeze_for_stage(model, cfg.stage)
@@ -237,7 +360,12 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     text_encoder.requires_grad_(False).eval()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opt.mixed_precision, torch.float32)
     # Frozen parts run in the mixed-precision dtype; trained parameters stay float32 (autocast).
-    vae.to(device, dtype=weight_dtype)
+    if weight_dtype == torch.float32:
+        vae.to(device)  # diffusers warns on any dtype argument, even one that changes nothing
+    elif not getattr(vae, "_keep_in_fp32_modules", None):
+        nn.Module.to(vae, device, weight_dtype)  # no module must stay float32: skip diffusers' warning
+    else:
+        vae.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
     model.to(device)
     model.image_encoder.to(dtype=weight_dtype)
@@ -302,14 +430,17 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     # 5. Resume.
     global_step = 0
     loader_state = LoaderState(num_workers=max(1, cfg.data.num_workers))
-    resume_path = resolve_resume(out_dir, resume_from_checkpoint)
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / TRAINER_STATE).read_text())
-        global_step = int(state["step"])
-        loader_file = resume_path / f"loader_state_{accelerator.process_index}.json"
-        saved = LoaderState.from_json(json.loads(loader_file.read_text()))
+        try:
+            accelerator.load_state(str(resume_path))
+            state = json.loads((resume_path / TRAINER_STATE).read_text())
+            global_step = int(state["step"])
+            loader_file = resume_path / f"loader_state_{accelerator.process_index}.json"
+            saved = LoaderState.from_json(json.loads(loader_file.read_text()))
+        except (OSError, ValueError, KeyError, RuntimeError) as exn:
+            raise TrainInputError(f"--resume_from_checkpoint: {resume_path} cannot be loaded: "
+                                  f"{describe_error(exn)}") from None
         if saved.num_workers == loader_state.num_workers:
             loader_state = saved
         else:  # another worker count: positions do not map; continue on a fresh, distinct stream
@@ -331,6 +462,7 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     stream = QuadrupletStream(
         cfg.data, builder, seed=opt.seed + (global_step if loader_state.cursors == {} and global_step else 0),
         rank=accelerator.process_index, world_size=accelerator.num_processes, state=loader_state,
+        shards=shard_urls,
     )
     batches = iter(make_dataloader(stream))
 
@@ -372,7 +504,12 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     while global_step < opt.max_steps:
         step_loss = torch.zeros((), device=device)
         for micro in range(opt.gradient_accumulation_steps):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except BaseException:
+                progress.close()  # ends the bar's line, so the error that follows stands on its own
+                stop_workers(batches)
+                raise
             loader_state.update(batch)
             gen = step_generator(opt.seed, global_step, micro, accelerator.process_index, device)
             with accelerator.accumulate(denoiser):
@@ -409,22 +546,53 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
             with ema_weights(ema, params):
                 log_validation(cfg, pipe, accelerator, global_step, out_dir)
     progress.close()
+    stop_workers(batches)
     total_time = time.perf_counter() - t_run
     result.samples_per_second = samples_per_step * (global_step - result.step) / max(total_time, 1e-9)
 
     # 8. Export: a LARGenPipeline folder with the trained (EMA when enabled) weights.
+    steps_run = global_step - result.step
     result.step = global_step
     result.skipped = loader_state.skipped_total()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, params):
             result.export_dir = str(export_pipeline(pipe, out_dir / EXPORT_DIR))
-        _write_json(out_dir / "train_summary.json", {"step": global_step, "skipped": result.skipped,
-                                                     "export": result.export_dir})
-        accelerator.print(f"skipped samples: {result.skipped or 'none'}")
-        accelerator.print(f"exported to {result.export_dir}")
+        result.wall_seconds = time.perf_counter() - t_begin
+        summary = run_summary(cfg, result, steps_run, total_time)
+        _write_json(out_dir / SUMMARY_FILE, summary)
+        accelerator.print(format_summary(summary))
     accelerator.end_training()
     return result
+
+
+def run_summary(cfg: TrainConfig, result: TrainResult, steps_run: int, loop_seconds: float) -> dict[str, Any]:
+    """What `OUT/train_summary.json` holds and the end-of-run lines print: steps, loss, time, speed, export."""
+    last = min(FINAL_LOSS_STEPS, len(result.losses))
+    return {
+        "stage": cfg.stage, "step": result.step, "max_steps": cfg.optim.max_steps, "steps_this_run": steps_run,
+        "final_loss": result.final_loss(), "final_loss_steps": last, "losses": result.losses,
+        "wall_seconds": round(result.wall_seconds, 3), "loop_seconds": round(loop_seconds, 3),
+        "samples_per_second": round(result.samples_per_second, 3),
+        "skipped": result.skipped, "export": result.export_dir,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run summary, a few lines for the console."""
+    if summary["final_loss"] is None:
+        loss = "no step run (already at max_steps)"
+    else:
+        loss = f"{summary['final_loss']:.4f} (mean of the last {summary['final_loss_steps']} steps)"
+    return "\n".join([
+        f"stage {summary['stage']} done: step {summary['step']}/{summary['max_steps']} "
+        f"({summary['steps_this_run']} this run)",
+        f"  final loss     {loss}",
+        f"  wall time      {summary['wall_seconds']:.1f} s (training loop {summary['loop_seconds']:.1f} s)",
+        f"  samples/s      {summary['samples_per_second']:.2f}",
+        f"  skipped        {summary['skipped'] or 'none'}",
+        f"  exported to    {summary['export']}",
+    ])
 
 
 class ema_weights:  # noqa: N801 - used as a context manager, reads like `with torch.no_grad()`
@@ -511,7 +679,8 @@ def export_pipeline(pipe: LARGenPipeline, folder: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command line of `python -m training.train` (argparse: a usage error exits 2 with one line)."""
+    parser = argparse.ArgumentParser(prog="training.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="training/configs/stage1.yaml or stage2.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.learning_rate=5e-6 (repeatable)")
@@ -520,16 +689,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def one_line(exn: BaseException) -> str:
+    """An exception as one line: several config problems joined by '; ', a DataLoader worker's
+    re-raised exception reduced to the original message (torch wraps it with the worker's traceback)."""
+    text = str(exn).strip()
+    if "Original Traceback" in text:  # torch.utils.data re-raise: the original error is the last line
+        last = text.splitlines()[-1]  # "module.ErrorClass: message"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def quiet_libraries() -> None:
+    """Keep a healthy run's console to our own lines: no per-component loading/saving bars, no
+    accelerate checkpoint INFO lines (our summary says where things went)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point. Returns the exit status (2 on a config error)."""
+    """CLI entry point. Returns the exit status: 0, 2 for a bad input (one line `error: ...` on
+    stderr), 1 when training itself fails (a non-finite loss)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     try:
         cfg = load_train_config(args.config, args.set)
-    except ConfigError as exn:
-        print(f"config error:\n{exn}", file=sys.stderr)
+        train(cfg, resume_from_checkpoint=args.resume_from_checkpoint)
+    except (ConfigError, TrainInputError, ShardError) as exn:
+        print(f"error: {one_line(exn)}", file=sys.stderr)
         return 2
-    train(cfg, resume_from_checkpoint=args.resume_from_checkpoint)
+    except NoSamplesError as exn:
+        print(f"error: data.shards: the data stream stopped: {one_line(exn)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exn:
+        print(f"error: {one_line(exn)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -540,40 +738,94 @@ if __name__ == "__main__":
 @torch.no_grad()
 def evaluation_loss(
     model: LARGenModel, pipe: LARGenPipeline, batches: list[dict[str, Any]], stage: int, beta: float,
-    seed: int = 1234, shuffle_conditions: bool = False, region: str = "all", vae_latents: str = "mode",
+    seed: int = 1234, shuffle_conditions: bool | str = False, region: str = "all", vae_latents: str = "mode",
+    conditions: str = "both", timesteps: list[int] | None = None, refine: bool = True,
 ) -> float:
     """Mean Eq. 11 loss over fixed batches with fixed noise and timesteps (a diagnostic, no gradients).
 
     Args:
-        shuffle_conditions: pair every scene with another sample's caption and subject (rolled by
-            one within the batch). A model that uses its conditions scores worse this way.
+        shuffle_conditions: which conditions each scene takes from another sample of its batch
+            (rolled by one): "text", "image" (the subject, for Assign and Refine alike) or "both";
+            True means "both", False none. A model that uses a condition scores worse without it.
         region: "all" (Eq. 11 as trained) or "mask" (only the latents inside m*, where the
             conditions decide the content).
+        conditions: which conditions the model is given: "both" (as the batch says), "text" (the
+            null image for every sample) or "image" (the empty text for every sample). The
+            single-condition modes are what the independent condition dropout trains (paper 4.5).
+        timesteps: evaluate every batch at each of these timesteps, with fixed noise; None: one
+            random timestep per sample, as in training. Fixed timesteps let a check look where the
+            conditions decide the prediction instead of averaging over the whole schedule.
+        refine: stage 2 only: False evaluates the model with Refine off (no RefineNet features).
 
     Returns:
         The mean loss.
 
     Raises:
-        ValueError: unknown region.
+        ValueError: unknown region, conditions or shuffle_conditions.
     """
     if region not in ("all", "mask"):
         raise ValueError(f"region must be 'all' or 'mask', got {region!r}")
+    if conditions not in ("both", "text", "image"):
+        raise ValueError(f"conditions must be 'both', 'text' or 'image', got {conditions!r}")
+    shuffle = {True: "both", False: "none"}.get(shuffle_conditions, shuffle_conditions)
+    rolled = {"none": (), "text": ("input_ids", "drop_text"), "image": ("clip_pixels", "refine_pixels", "drop_image"),
+              "both": ("input_ids", "drop_text", "clip_pixels", "refine_pixels", "drop_image")}.get(shuffle)
+    if rolled is None:
+        raise ValueError(f"shuffle_conditions must be a bool, 'text', 'image' or 'both', got {shuffle_conditions!r}")
     device = next(model.parameters()).device
-    denoiser = ConditionedDenoiser(model, beta=beta, use_refine=stage == 2)
+    use_refine = stage == 2 and refine
+    denoiser = ConditionedDenoiser(model, beta=beta, use_refine=use_refine)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae, scaling = pipe.vae, pipe.vae.config.scaling_factor
+    empty_ids = pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids
+
+    def encode(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        return (dist.mode() if vae_latents == "mode" else dist.sample(generator=gen)) * scaling
+
     total, weight = 0.0, 0.0
     for i, batch in enumerate(batches):
-        if shuffle_conditions:
-            batch = dict(batch)
-            for name in ("input_ids", "clip_pixels", "refine_pixels", "drop_text", "drop_image"):
-                if name in batch:  # stage-1 batches carry no refine_pixels
-                    batch[name] = torch.roll(batch[name], shifts=1, dims=0)
-        gen = step_generator(seed, i, 0, 0, device)
-        pred, target, mask = predict_noise(denoiser, batch, pipe.vae, pipe.text_encoder, scheduler, gen,
-                                           pipe.vae.config.scaling_factor, pipe.vae.dtype, device, stage,
-                                           vae_latents)
-        err = (pred.float() - target.float()) ** 2
-        w = mask.float().expand_as(err) if region == "mask" else torch.ones_like(err)
-        total += float((err * w).sum())
-        weight += float(w.sum())
+        batch = dict(batch)
+        for name in rolled:
+            if name in batch:  # stage-1 batches carry no refine_pixels
+                batch[name] = torch.roll(batch[name], shifts=1, dims=0)
+        bsz = batch["input_ids"].shape[0]
+        if conditions == "image":
+            batch["input_ids"] = empty_ids.expand(bsz, -1)
+        if conditions != "both":
+            batch["drop_image"] = torch.full((bsz,), conditions == "text")
+        if timesteps is None:  # the training path: random timesteps and noise from the batch's generator
+            gen = step_generator(seed, i, 0, 0, device)
+            pred, target, mask = predict_noise(denoiser, batch, vae, pipe.text_encoder, scheduler, gen, scaling,
+                                               vae.dtype, device, 2 if use_refine else 1, vae_latents)
+            preds = [(pred, target)]
+        else:  # the same inputs at each fixed timestep; encoded once
+            gen = step_generator(seed, i, 0, 0, device)
+            pixels = pixels_to_unit_range(batch["pixel_values"].to(device))
+            mask_px = batch["mask"].to(device).float()
+            latents = encode(pixels, gen)
+            masked_latents = encode(pixels * (1.0 - mask_px), gen)
+            mask = F.interpolate(mask_px.to(vae.dtype), size=latents.shape[-2:])
+            text_embeds = pipe.text_encoder(batch["input_ids"].to(device))[0]
+            subject = encode(batch["refine_pixels"], gen) if use_refine else None
+            preds = []
+            for k, t in enumerate(timesteps):
+                gen = step_generator(seed, i, k + 1, 0, device)
+                ts = torch.full((bsz,), int(t), device=device, dtype=torch.long)
+                noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=gen)
+                refine_latents = None
+                if subject is not None:
+                    subject_noise = torch.randn(subject.shape, device=device, dtype=subject.dtype, generator=gen)
+                    refine_latents = scheduler.add_noise(subject, subject_noise, ts)
+                target = noise if scheduler.config.prediction_type == "epsilon" else \
+                    scheduler.get_velocity(latents, noise, ts)
+                pred = denoiser(scheduler.add_noise(latents, noise, ts), ts, mask, masked_latents, text_embeds,
+                                batch["clip_pixels"].to(device), batch["drop_image"].to(device), refine_latents)
+                preds.append((pred, target))
+        for pred, target in preds:
+            err = (pred.float() - target.float()) ** 2
+            w = mask.float().expand_as(err) if region == "mask" else torch.ones_like(err)
+            total += float((err * w).sum())
+            weight += float(w.sum())
     return total / max(weight, 1e-12)

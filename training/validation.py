@@ -55,6 +55,8 @@ def run_validation(cfg: TrainConfig, pipe, device: torch.device) -> Image.Image 
     if not quads:
         logger.warning("validation: no readable sample in %s", cfg.validation.shards or cfg.data.shards)
         return None
+    # One bar per denoising call would print len(MODES) x samples bars into the training log.
+    pipe.set_progress_bar_config(disable=True)
     rows = []
     for q in quads:
         for mode in MODES:

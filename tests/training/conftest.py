@@ -61,3 +61,27 @@ def corrupt_shard(tmp_path) -> tuple[str, dict[str, int]]:
     path = tmp_path / "000000.tar"
     expected = write_corrupt_shard(path)
     return str(path), expected
+
+
+def write_truncated_shard(path: Path, size: int = 64) -> None:
+    """A shard cut off inside its first member: a valid tar header, no complete sample."""
+    tmp = path.with_suffix(".full")
+    sample = encode_sample(synthetic_quadruplet(2000, size))
+    key = sample.pop("__key__")
+    with tarfile.open(tmp, "w") as tar:
+        for field, data in sample.items():
+            _add(tar, f"{key}.{field}", data)
+    data = tmp.read_bytes()
+    path.write_bytes(data[:1000])  # 512-byte header + part of the first member's data
+    os.remove(tmp)
+
+
+def write_undecodable_shard(path: Path, samples: int = 3, size: int = 64) -> None:
+    """A well-formed tar whose every sample fails to decode (its source image is garbage)."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(samples):
+            sample = encode_sample(synthetic_quadruplet(3000 + i, size))
+            key = sample.pop("__key__")
+            sample[SOURCE] = b"not a jpeg at all"
+            for field, data in sample.items():
+                _add(tar, f"{key}.{field}", data)

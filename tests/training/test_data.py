@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import itertools
+import logging
+import tarfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 from transformers import CLIPTokenizer
 
+from tests.training.conftest import write_truncated_shard, write_undecodable_shard
 from training.config import DataConfig
 from training.data import (
+    WARN_FIRST,
     LoaderState,
+    NoSamplesError,
     QuadrupletStream,
+    ShardError,
     TrainingExampleBuilder,
+    WarningLimiter,
     augment_mask,
+    check_shards,
     expand_shards,
     make_dataloader,
     pixels_to_unit_range,
@@ -37,7 +47,15 @@ def make_stream(shards, tokenizer, rank=0, world_size=1, state=None, seed=0, **o
 
 
 def take(stream: QuadrupletStream, n: int) -> list[dict]:
-    return list(itertools.islice(iter(make_dataloader(stream)), n))
+    batches = iter(make_dataloader(stream))
+    try:
+        return list(itertools.islice(batches, n))
+    finally:
+        # A worker iterator kept alive by a test's exception info is collected late, and torch then
+        # waits 5 s per worker; stopping the workers now keeps the failure tests fast.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def test_batches_have_the_model_input_contract(synthetic_shards, tokenizer):
@@ -180,3 +198,153 @@ def test_stage1_batches_skip_the_refinenet_input_and_keep_the_rest(synthetic_sha
         assert "refine_pixels" not in b and a["key"] == b["key"]
         for name in ("pixel_values", "mask", "clip_pixels", "input_ids", "drop_text", "drop_image"):
             assert torch.equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------- missing and broken shards
+
+
+class DeniedFileSystem(fsspec.AbstractFileSystem):
+    """An fsspec backend whose every open fails with PermissionError, as an unreadable file does for a
+    non-root user (the tests run as root, for whom chmod does not stop reading)."""
+
+    protocol = "denied"
+
+    def _open(self, path, mode="rb", **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    def exists(self, path, **kwargs):
+        return True
+
+
+fsspec.register_implementation("denied", DeniedFileSystem, clobber=True)
+
+
+def broken_shard(mode: str, folder: Path) -> str:
+    """One shard URL that fails in the given way."""
+    path = folder / f"{mode}.tar"
+    if mode == "missing":
+        return str(path)
+    if mode == "folder":
+        path.mkdir()
+    elif mode == "not_a_tar":
+        path.write_bytes(b"garbage" * 1000)
+    elif mode == "empty_file":
+        path.write_bytes(b"")
+    elif mode == "empty_tar":
+        with tarfile.open(path, "w"):
+            pass
+    elif mode == "truncated":
+        write_truncated_shard(path)
+    elif mode == "undecodable":
+        write_undecodable_shard(path)
+    elif mode == "permission_denied":
+        return f"denied://{path}"
+    return str(path)
+
+
+BROKEN_MODES = ["missing", "folder", "not_a_tar", "empty_file", "empty_tar", "truncated", "undecodable",
+                "permission_denied"]
+LIMIT = 50
+
+
+@pytest.fixture()
+def data_log(tmp_path):
+    """The loader's warnings, written to a file by this process and by forked DataLoader workers."""
+    path = tmp_path / "data.log"
+    handler = logging.FileHandler(path)
+    log = logging.getLogger("training.data")
+    log.addHandler(handler)
+    yield path
+    log.removeHandler(handler)
+    handler.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("mode", BROKEN_MODES)
+def test_a_stream_of_broken_shards_stops_with_a_bounded_log(mode, workers, tokenizer, tmp_path, data_log):
+    # Resampled (the default): without the stop, the same shard would be drawn forever.
+    url = broken_shard(mode, tmp_path)
+    stream = make_stream([url, url], tokenizer, num_workers=workers, resampled=True, max_consecutive_failures=LIMIT)
+    with pytest.raises(NoSamplesError, match="in a row failed"):
+        take(stream, 1)
+    lines = data_log.read_text().splitlines()
+    # Per process: at most WARN_FIRST lines of each reason (tar, decode) before the summary interval.
+    assert len(lines) <= max(1, workers) * 2 * WARN_FIRST, lines
+    assert all(len(line) < 1000 for line in lines)
+    assert len(lines) >= 1  # the failure is said, not swallowed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["missing", "not_a_tar", "permission_denied"])
+def test_epoch_mode_stops_on_broken_shards(mode, tokenizer, tmp_path):
+    url = broken_shard(mode, tmp_path)
+    with pytest.raises(NoSamplesError):
+        take(make_stream([url], tokenizer, num_workers=2, resampled=False), 1)
+
+
+def test_warnings_are_rate_limited():
+    now = [0.0]
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("test.limiter")
+    log.addHandler(Collect())
+    log.propagate = False
+    limiter = WarningLimiter(log, first=3, interval=60, clock=lambda: now[0])
+    for i in range(10_000):
+        now[0] = i * 0.01  # 100 s in all
+        limiter.warn("tar", f"failure {i}")
+    assert records[:3] == ["failure 0", "failure 1", "failure 2 (more tar warnings are summarised, "
+                                                      "at most one line per 60 s)"]
+    # One summary after 60 s, none in the remaining 40 s.
+    assert len(records) == 4 and records[3].startswith("6000 more tar warning(s) (6003 in all)"), records
+    limiter.warn("decode", "another kind")
+    assert records[-1] == "another kind"
+
+
+def test_check_shards_resolves_patterns_globs_and_drops_unreadable(synthetic_shards, tmp_path, caplog):
+    folder = Path(synthetic_shards[0]).parent
+    assert check_shards(f"{folder}/*.tar") == synthetic_shards
+    assert check_shards([f"file://{folder}/{{000000..000001}}.tar"]) == [f"file://{p}" for p in synthetic_shards[:2]]
+    # Some shards missing: the readable ones are kept, one warning says how many were left out.
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        got = check_shards(f"{folder}/{{000002..000005}}.tar")
+    assert got == synthetic_shards[2:]
+    assert "leaving out 2 of 4 shard(s)" in caplog.text and "000004.tar does not exist" in caplog.text
+    # A compressed tar passes the probe (webdataset streams it).
+    gz = tmp_path / "000000.tar.gz"
+    gz.write_bytes(gzip.compress(Path(synthetic_shards[0]).read_bytes()))
+    assert check_shards(str(gz)) == [str(gz)]
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("missing", "does not exist"), ("folder", "is a folder"), ("not_a_tar", "is not a tar file"),
+    ("empty_file", "is empty"), ("empty_tar", "empty tar"), ("permission_denied", "Permission denied"),
+])
+def test_check_shards_fails_when_no_shard_is_readable(mode, reason, tmp_path):
+    url = broken_shard(mode, tmp_path)
+    with pytest.raises(ShardError, match=f"data.shards .*no readable shard among 1: .*{reason}"):
+        check_shards(url)
+
+
+def test_check_shards_names_the_pattern_that_matches_nothing(tmp_path):
+    with pytest.raises(ShardError, match=r"no readable shard among 100: .*000000.tar does not exist "
+                                         r"\(and 99 more unreadable\); check the pattern"):
+        check_shards(f"{tmp_path}/{{000000..000099}}.tar")
+    with pytest.raises(ShardError, match="matches no shard"):
+        check_shards(f"{tmp_path}/*.tar")
+    # Remote shards are probed until one reads (at most 3): three denied ones stop the run.
+    with pytest.raises(ShardError, match="Permission denied.*and 2 more"):
+        check_shards([f"denied://{tmp_path}/{{000000..000099}}.tar"])
+
+
+def test_validation_reading_many_missing_shards_logs_a_few_lines(synthetic_shards, tmp_path, caplog):
+    pattern = f"{tmp_path}/missing-{{000000..000099}}.tar"
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        found = read_quadruplets([pattern, *synthetic_shards], 2)
+    assert len(found) == 2
+    assert len(caplog.records) == WARN_FIRST, caplog.text  # then summarised (100 misses in well under 60 s)

@@ -1,34 +1,72 @@
-"""It learns: stage 1 on informative synthetic quadruplets lowers the loss and comes to use its conditions.
+"""It learns: stage 1 comes to use each of its conditions, stage 2 comes to use RefineNet's subject detail.
 
-The short version of training/learning_check.py (the long one: `benchmarks/bench_train.py learn`;
-figures in docs/training.md).
+Short versions of training/learning_check.py (`benchmarks/bench_train.py learn` runs them over
+several seeds; the figures and how the thresholds were chosen are in docs/training.md, "It learns").
+The thresholds are ratios of held-out losses with margins measured over seeds, not float bits.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
-from training.learning_check import run_learning_check
+from training.learning_check import run_learning_check, run_refine_check
+
+# Thresholds on loss(true condition) / loss(shuffled condition) inside the hole, and Refine on / off,
+# from 5 seeds (docs/training.md): each sits above the worst seed measured (stage 1: 0.62, stage 2:
+# 0.969 and 0.978); this test's seed 0 measured 0.52 / 0.47 / 0.33 and 0.92 / 0.94.
+STAGE1_MAX_RATIO = 0.75  # each condition lowers the masked loss by at least 25 %
+STAGE2_MAX_RATIO_VS_OFF = 0.985  # Refine lowers it by more than 1.5 %
+STAGE2_MAX_RATIO_VS_SHUFFLED = 0.99  # and this sample's subject by more than 1 %
 
 
-@pytest.fixture()
-def one_thread():
+@contextmanager
+def torch_threads(count: int):
     # The tensors are tiny: one intra-op thread is as fast, and it does not spin against other jobs.
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_zoo, tmp_path_factory):
+    """One stage-1 run on the "colour" task, shared by both tests (stage 2 starts from its export)."""
+    with torch_threads(1):
+        return run_learning_check(tiny_zoo / "largen-pipeline", tmp_path_factory.mktemp("learns-stage1"))
 
 
 @pytest.mark.slow
-def test_stage1_learns_and_uses_its_conditions(tiny_zoo, tmp_path, one_thread):
-    report = run_learning_check(tiny_zoo / "largen-pipeline", tmp_path, steps=400, resolution=16, batch_size=16,
-                                learning_rate=2e-3)
-    # The training loss falls clearly.
-    assert report["train_loss_last10"] < 0.6 * report["train_loss_first10"], report
-    after = report["after"]
-    assert after["all_true"] < 0.6 * report["before"]["all_true"], report
-    # The trained model uses the caption and subject: true conditions beat shuffled ones on held-out data.
-    assert after["all_true"] < after["all_shuffled"] - 0.01, report
-    assert after["mask_true"] < after["mask_shuffled"], report
+def test_stage1_learns_and_uses_each_condition(stage1):
+    # The training loss falls clearly, and so does the held-out loss.
+    assert stage1["train_loss_last10"] < 0.6 * stage1["train_loss_first10"], stage1
+    assert stage1["after"]["both_true"] < 0.6 * stage1["before"]["both_true"], stage1
+    # Before training no condition helps; after it, each one does, on its own: the caption with
+    # the null image, the subject with the empty text, and both together.
+    assert stage1["before"]["both_true"] > 0.9 * stage1["before"]["both_shuffled"], stage1
+    for mode in ("text", "image", "both"):
+        assert stage1["ratios"][mode] < STAGE1_MAX_RATIO, (mode, stage1)
+
+
+@pytest.mark.slow
+def test_stage2_learns_to_use_refinenet_detail(stage1, tmp_path_factory):
+    with torch_threads(1):
+        report = run_refine_check(stage1["export_dir"], tmp_path_factory.mktemp("learns-stage2"))
+    # Refine lowers the masked loss against the same model with Refine off, and the gain comes from
+    # this sample's subject: another sample's pattern (same colours, same caption) does worse.
+    assert report["ratios"]["refine_vs_off"] < STAGE2_MAX_RATIO_VS_OFF, report
+    assert report["ratios"]["refine_vs_shuffled"] < STAGE2_MAX_RATIO_VS_SHUFFLED, report
+
+
+def test_evaluation_loss_rejects_unknown_modes(tiny_zoo):
+    from inference.pipeline import LARGenPipeline
+    from training.train import evaluation_loss
+
+    pipe = LARGenPipeline.from_pretrained(tiny_zoo / "largen-pipeline")
+    for bad in ({"region": "hole"}, {"conditions": "subject"}, {"shuffle_conditions": "caption"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            evaluation_loss(pipe.model, pipe, [], stage=1, beta=1.0, **bad)

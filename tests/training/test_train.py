@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from safetensors.torch import load_file
 
 from dataengine.typed_config import ConfigError
 from inference.pipeline import LARGenPipeline
+from tests.training.conftest import write_undecodable_shard
 from training.config import load_train_config
 from training.train import TRAINABLE_WEIGHTS, list_checkpoints, load_model, main, train
 
@@ -164,3 +169,129 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert load_train_config(REPO / "training/configs/stage2.yaml").model.beta == 0.3
     assert main(["--config", str(stage1), "--set", "stage=3"]) == 2
     assert "stage" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- command-line errors, summary
+
+
+def tiny_args(tiny_zoo: Path, shards: list[str], out: Path, *extra: str, steps: int = 1) -> list[str]:
+    """`python -m training.train` arguments for a tiny stage-1 run from the zoo's pipeline."""
+    sets = [f"data.shards={json.dumps(shards)}", "data.resolution=64", "data.batch_size=2", "data.num_workers=0",
+            "data.shuffle_buffer=8", "data.shuffle_initial=4", f"optim.max_steps={steps}",
+            "optim.lr_warmup_steps=0", "optim.mixed_precision=no", "optim.gradient_checkpointing=false",
+            "optim.gradient_accumulation_steps=1", "validation.every=0", f"output.dir={out}", "model.base=null",
+            f"model.pretrained={tiny_zoo / 'largen-pipeline'}", *extra]
+    return ["--config", str(REPO / "training/configs/stage1.yaml"), *[a for s in sets for a in ("--set", s)]]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("missing_config", "config file .*nope.yaml' does not exist"),
+    ("config_is_a_folder", "config file .* is a folder"),
+    ("config_is_binary", "config file .* is not a UTF-8 text"),
+    ("config_not_yaml", "not valid YAML"),
+    ("bad_set", "--set 'optim.max_steps': expected KEY=VALUE"),
+    ("bad_value", "optim.max_steps: Input should be a valid integer"),
+    ("unknown_key", "optim.learning_rat: unknown key"),
+    ("no_shard", r"data.shards .*\{000000..000099\}.tar': no readable shard among 100: .*does not exist"),
+    ("shard_not_a_tar", "data.shards .*: no readable shard among 1: .* is not a tar file"),
+    ("resume_missing", "--resume_from_checkpoint .*checkpoint-7 does not exist"),
+    ("output_is_a_file", "output.dir .* is an existing file, not a folder"),
+    ("output_not_writable", "output.dir '/proc/largen-run' cannot be written"),
+    ("output_under_a_file", "output.dir .* cannot be written .*NotADirectoryError"),
+    ("pretrained_missing", "model.pretrained .*no-such-pipeline' does not exist"),
+    ("pretrained_not_a_pipeline", "model.pretrained .* is not a LARGenPipeline folder"),
+    ("stage2_without_stage1", "model.pretrained 'runs/stage1/final' does not exist; stage 2 starts from the stage-1"),
+    ("base_missing", "model.base.inpaint .*no-such-base' is not a folder"),
+])
+def test_every_bad_input_is_one_line_and_exit_2(case, expected, tiny_zoo, synthetic_shards, tmp_path, capsys,
+                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative defaults (runs/stage1/final) resolve here, not in the repo
+    out = tmp_path / "run"
+    good = tiny_args(tiny_zoo, synthetic_shards, out)
+    binary = tmp_path / "shard.tar"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (tmp_path / "bad.yaml").write_text("stage: [1,\n")
+    (tmp_path / "a-file").write_text("mine")
+    argv = {
+        "missing_config": ["--config", str(tmp_path / "nope.yaml")],
+        "config_is_a_folder": ["--config", str(tmp_path)],
+        "config_is_binary": ["--config", str(binary)],
+        "config_not_yaml": ["--config", str(tmp_path / "bad.yaml")],
+        "bad_set": [*good, "--set", "optim.max_steps"],
+        "bad_value": [*good, "--set", "optim.max_steps=many"],
+        "unknown_key": [*good, "--set", "optim.learning_rat=1"],
+        "no_shard": [*good, "--set", f"data.shards={tmp_path}/release/v1/train/{{000000..000099}}.tar"],
+        "shard_not_a_tar": [*good, "--set", f"data.shards={binary}"],
+        "resume_missing": [*good, "--resume_from_checkpoint", str(tmp_path / "checkpoint-7")],
+        "output_is_a_file": [*good, "--set", f"output.dir={tmp_path / 'a-file'}"],
+        "output_not_writable": [*good, "--set", "output.dir=/proc/largen-run"],
+        "output_under_a_file": [*good, "--set", f"output.dir={tmp_path / 'a-file' / 'run'}"],
+        "pretrained_missing": [*good, "--set", f"model.pretrained={tmp_path / 'no-such-pipeline'}"],
+        "pretrained_not_a_pipeline": [*good, "--set", f"model.pretrained={tmp_path}"],
+        "stage2_without_stage1": ["--config", str(REPO / "training/configs/stage2.yaml"),
+                                  "--set", f"data.shards={json.dumps(synthetic_shards)}"],
+        "base_missing": [*good, "--set", "model.pretrained=null", "--set",
+                         f"model.base={{inpaint: {tmp_path / 'no-such-base'}}}"],
+    }[case]
+    assert main(argv) == 2
+    assert re.search(expected, one_error_line(capsys)), expected
+    if case != "output_is_a_file":
+        assert not out.exists()  # nothing written before the inputs are known to be good
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_resume_from_another_stage_is_refused(stage1_run, tiny_zoo, synthetic_shards, tmp_path, capsys):
+    cfg1, result1, _ = stage1_run
+    checkpoint = list_checkpoints(Path(cfg1.output.dir))[-1]
+    argv = ["--config", str(REPO / "training/configs/stage2.yaml"), "--set", f"data.shards={json.dumps(synthetic_shards)}",
+            "--set", f"model.pretrained={result1.export_dir}", "--set", f"output.dir={tmp_path / 'stage2'}",
+            "--resume_from_checkpoint", str(checkpoint)]
+    assert main(argv) == 2
+    assert "was written by stage 1, this run is stage 2" in one_error_line(capsys)
+
+
+def test_the_documented_pattern_of_missing_shards_stops_at_once(tiny_zoo, tmp_path):
+    """The issue: a pattern matching no file looped forever writing GBs of warnings. Now: one line, exit 2."""
+    argv = tiny_args(tiny_zoo, ["release/v1/train/{000000..000099}.tar"], tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "training.train", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: data.shards"), proc.stderr
+    assert "check the pattern against the file names" in lines[0]
+
+
+def test_a_stream_that_fails_during_training_ends_in_one_line(tiny_zoo, tmp_path, capsys):
+    # The shard reads (so the pre-flight check passes) but every sample in it is broken: the loader
+    # stops after max_consecutive_failures, here inside 2 DataLoader workers.
+    shard = tmp_path / "000000.tar"
+    write_undecodable_shard(shard)
+    argv = tiny_args(tiny_zoo, [str(shard)], tmp_path / "run", "data.num_workers=2",
+                     "data.max_consecutive_failures=20")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = err[-1]  # after the progress bar of the run that had started
+    assert "Traceback" not in "".join(err) and not any(e.startswith("error") for e in err[:-1]), err
+    assert line.startswith("error: data.shards: the data stream stopped: 20 shards/samples in a row failed")
+    assert "decode" in line
+
+
+def test_a_run_ends_with_its_summary(tiny_zoo, synthetic_shards, tmp_path, capsys):
+    assert main(tiny_args(tiny_zoo, synthetic_shards, tmp_path / "run", steps=2)) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["step"] == 2 and summary["steps_this_run"] == 2 and len(summary["losses"]) == 2
+    assert summary["final_loss"] == pytest.approx(sum(summary["losses"]) / 2)
+    assert summary["samples_per_second"] > 0 and summary["wall_seconds"] >= summary["loop_seconds"] > 0
+    assert summary["export"] == str(tmp_path / "run" / "final")
+    assert "stage 1 done: step 2/2 (2 this run)" in out
+    assert f"final loss     {summary['final_loss']:.4f} (mean of the last 2 steps)" in out
+    assert "samples/s" in out and "wall time" in out
+    assert f"exported to    {tmp_path / 'run' / 'final'}" in out
