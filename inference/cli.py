@@ -1,4 +1,4 @@
-"""The `largen` command line: `largen inpaint --image PATH (--mask PATH | --box x0,y0,x1,y1) ... --out PATH`.
+"""The `largen` command line: `largen inpaint --image PATH (--mask PATH | --box x0,y0,x1,y1) ... --out PATH` and `largen serve`.
 
 The model is `--model DIR|HUBID`, else `$LARGEN_MODEL` (a folder written by
 `LARGenPipeline.save_pretrained`, e.g. the tiny zoo's `largen-pipeline`). Every argument is checked
@@ -13,6 +13,7 @@ temporary file in the same folder that is then renamed over `--out`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -48,7 +49,11 @@ _IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.
 
 
 class CLIError(Exception):
-    """A user error: reported as one line, exit status 2."""
+    """A user error: reported as one line, exit status 2 (over HTTP: a 4xx with that line)."""
+
+
+class ImageTooLarge(CLIError):
+    """An image over the pixel limit (a decompression bomb, or the server's `max_pixels`)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,8 +101,18 @@ def _float_type(low: float, high: float, what: str):
     return parse
 
 
+# The numeric options of an inpainting request, by name: the CLI flags and the server's form fields
+# parse with the same functions, so both accept and refuse the same values with the same words.
+OPTION_TYPES = {
+    "beta": _float_type(0.0, BETA_MAX, f"a number in [0, {BETA_MAX:g}]"),
+    "steps": _int_type(1, 10**6, "a whole number >= 1"),
+    "guidance": _float_type(0.0, math.inf, "a finite number >= 0"),
+    "seed": _int_type(0, SEED_MAX, f"a whole number in [0, {SEED_MAX}]"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `largen` argument parser (subcommand `inpaint`); its errors are one line, exit status 2."""
+    """The `largen` argument parser (subcommands `inpaint`, `serve`); its errors are one line, exit status 2."""
     parser = _Parser(prog="largen", description="LAR-Gen promptable inpainting.")
     parser.add_argument("--version", action="version", version=f"largen {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -117,22 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject-mask", default=None, help="mask for --subject, same size (white = subject; overrides alpha)")
     p.add_argument(
         "--beta",
-        type=_float_type(0.0, BETA_MAX, f"a number in [0, {BETA_MAX:g}]"),
+        type=OPTION_TYPES["beta"],
         default=None,
         help=f"image prompt strength beta in [0, {BETA_MAX:g}] (default: the mode's, as in the paper's "
         f"Table 1: {BETA_SUBJECT_ONLY:.1f} for --subject without --prompt, {BETA_WITH_TEXT:.1f} with a --prompt)",
     )
     p.add_argument(
-        "--steps", type=_int_type(1, 10**6, "a whole number >= 1"), default=50, help="denoising steps (default 50)"
+        "--steps", type=OPTION_TYPES["steps"], default=50, help="denoising steps (default 50)"
     )
     p.add_argument(
         "--guidance",
-        type=_float_type(0.0, math.inf, "a finite number >= 0"),
+        type=OPTION_TYPES["guidance"],
         default=7.5,
         help="classifier-free guidance scale (default 7.5; <= 1 turns guidance off)",
     )
     p.add_argument(
-        "--seed", type=_int_type(0, SEED_MAX, f"a whole number in [0, {SEED_MAX}]"), default=0,
+        "--seed", type=OPTION_TYPES["seed"], default=0,
         help="random seed (default 0)",
     )
     p.add_argument("--no-zoom", action="store_true", help="inpaint the whole image instead of a crop around the mask")
@@ -143,7 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="output image path; the format follows the suffix (.png, .jpg, .webp, ...); written only on success",
     )
     p.add_argument("--model", default=None, help=f"LAR-Gen pipeline folder or hub id (default ${MODEL_ENV})")
+    add_serve_arguments(sub.add_parser(
+        "serve",
+        help="serve the HTTP API and the web editor (docs/serving.md)",
+        description="Load the pipeline once and serve the HTTP API (/v1/..., OpenAPI docs at /docs) and the "
+        "web editor (/). Bad input prints one line 'largen: error: ...' and exits with status 2.",
+    ))
     return parser
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `largen serve` (also `largen-serve`); the server itself lives in `serving`."""
+    positive = _int_type(1, 10**9, "a whole number >= 1")
+    p.add_argument("--model", default=None, help=f"LAR-Gen pipeline folder or hub id (default ${MODEL_ENV})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_type(0, 65535, "a port number in [0, 65535]"), default=7860,
+                   help="port (default 7860)")
+    p.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on /v1 requests (default: read $LARGEN_TOKEN; none if unset)")
+    p.add_argument("--profile", default=None,
+                   help="model profile of --config for click and word masks (Grounding DINO + SAM): tiny or full "
+                   "(default: no mask models)")
+    p.add_argument("--config", default=None, help="pipelines.yaml holding the profiles (default: the repository's)")
+    p.add_argument("--max-queue", type=positive, default=8, help="requests queued or running before 503 (default 8)")
+    p.add_argument("--timeout", type=_float_type(0.001, math.inf, "a number of seconds > 0"), default=300.0,
+                   help="seconds a request may take, queue included (default 300)")
+    p.add_argument("--max-upload-mb", type=_float_type(0.001, 10**6, "a number of megabytes > 0"), default=20.0,
+                   help="largest upload in MiB (default 20)")
+    p.add_argument("--max-pixels", type=positive, default=4096 * 4096,
+                   help="largest image in pixels, width x height (default 16777216)")
+    p.add_argument("--steps", type=OPTION_TYPES["steps"], default=50,
+                   help="denoising steps when a request gives none (default 50)")
+    return p
 
 
 # ---------------------------------------------------------------------- checks (no model work)
@@ -213,21 +260,49 @@ def _read_image(path: str, flag: str) -> Image.Image:
     if kind != "file":
         raise CLIError(f"{flag} {path!r} is not a regular file")
     try:
+        return decode_image(p, f"{flag} {path!r}")
+    except PermissionError as err:
+        raise CLIError(f"{flag} {path!r} cannot be read (permission denied)") from err
+
+
+def decode_image(source, label: str, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image from a path or a binary file object (the CLI and the server share it).
+
+    Args:
+        source: a path or a readable binary file object.
+        label: how messages name the input (`--image 'a.png'` on the command line, `image` over HTTP).
+        max_pixels: refuse images with more pixels than this before decoding them (None: PIL's
+            decompression-bomb limit only).
+
+    Returns:
+        The decoded image (a copy, detached from the file).
+
+    Raises:
+        ImageTooLarge: over `max_pixels` or PIL's decompression-bomb limit.
+        CLIError: not a readable image.
+        PermissionError: the file cannot be read.
+    """
+    try:
         with warnings.catch_warnings():
             # Between MAX_IMAGE_PIXELS and twice that PIL only warns, then decodes the whole thing.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(p)
+            img = Image.open(source)
             with img:
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    # The header gives the size: refuse before a single pixel is decoded.
+                    raise ImageTooLarge(
+                        f"{label} is {_size(img)} = {img.width * img.height:,} pixels; the limit is {max_pixels:,}"
+                    )
                 img.load()
                 return img.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise CLIError(
-            f"{flag} {path!r} is too large: over {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's decompression-bomb limit)"
+        raise ImageTooLarge(
+            f"{label} is too large: over {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's decompression-bomb limit)"
         ) from err
-    except PermissionError as err:
-        raise CLIError(f"{flag} {path!r} cannot be read (permission denied)") from err
+    except PermissionError:
+        raise
     except _IMAGE_ERRORS as err:
-        raise CLIError(f"{flag} {path!r} is not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+        raise CLIError(f"{label} is not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -248,53 +323,83 @@ def _size(image: Image.Image) -> str:
     return f"{image.width}x{image.height}"
 
 
-def _check_mask(mask: Image.Image, image: Image.Image, path: str) -> Image.Image:
+def check_mask(mask: Image.Image, image: Image.Image, label: str, name: str = "--mask", image_name: str = "--image") -> Image.Image:
+    """The mask as 8-bit L, once it is known to match `image` and to have a white pixel.
+
+    `label` names the mask's source in the empty-mask message; `name` / `image_name` name the two
+    inputs (command-line flags or form fields).
+
+    Raises:
+        CLIError: a size mismatch or an empty mask.
+    """
     if mask.size != image.size:
-        raise CLIError(f"--mask is {_size(mask)} but --image is {_size(image)}; they must match")
+        raise CLIError(f"{name} is {_size(mask)} but {image_name} is {_size(image)}; they must match")
     gray = _to_8bit(mask).convert("L")
     if gray.getextrema()[1] < MASK_THRESHOLD:
-        raise CLIError(f"--mask {path!r} is empty: no pixel is white (>= {MASK_THRESHOLD}), so there is nothing to inpaint")
+        raise CLIError(f"{label} is empty: no pixel is white (>= {MASK_THRESHOLD}), so there is nothing to inpaint")
     return gray
 
 
-def _parse_box(text: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """x0,y0,x1,y1 inside an image of `size` (w, h), at least one whole pixel after rounding."""
+def parse_box(text: str, size: tuple[int, int], name: str = "--box") -> tuple[float, float, float, float]:
+    """x0,y0,x1,y1 inside an image of `size` (w, h), at least one whole pixel after rounding.
+
+    Raises:
+        CLIError: naming `name` (the flag or form field), when the box is malformed or unusable.
+    """
     try:
         box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
     if len(box) != 4:
-        raise CLIError(f"--box must be x0,y0,x1,y1 (four numbers), got {text!r}")
+        raise CLIError(f"{name} must be x0,y0,x1,y1 (four numbers), got {text!r}")
     if not all(math.isfinite(v) for v in box):
-        raise CLIError(f"--box {text!r} has a non-finite number; give four pixel coordinates")
+        raise CLIError(f"{name} {text!r} has a non-finite number; give four pixel coordinates")
     x0, y0, x1, y1 = box
     if min(box) < 0:
-        raise CLIError(f"--box {text!r} has a negative coordinate; pixels start at 0")
+        raise CLIError(f"{name} {text!r} has a negative coordinate; pixels start at 0")
     if x1 <= x0 or y1 <= y0:
-        raise CLIError(f"--box {text!r} is empty or inverted: need x1 > x0 and y1 > y0")
+        raise CLIError(f"{name} {text!r} is empty or inverted: need x1 > x0 and y1 > y0")
     w, h = size
     if x1 > w or y1 > h:
-        raise CLIError(f"--box {text!r} goes outside the {w}x{h} image: need x1 <= {w} and y1 <= {h}")
+        raise CLIError(f"{name} {text!r} goes outside the {w}x{h} image: need x1 <= {w} and y1 <= {h}")
     # The pipeline rounds a box to whole pixels (box_to_mask); a sliver can round to nothing.
     if round(x1) <= round(x0) or round(y1) <= round(y0):
-        raise CLIError(f"--box {text!r} covers no whole pixel once rounded to pixel coordinates")
+        raise CLIError(f"{name} {text!r} covers no whole pixel once rounded to pixel coordinates")
     return box
 
 
 def _read_subject(args: argparse.Namespace):
     """The subject as the pipeline takes it (an image, or an (image, mask) pair), known to be non-empty."""
+    subject = _read_image(args.subject, "--subject")
+    mask = _read_image(args.subject_mask, "--subject-mask") if args.subject_mask else None
+    return check_subject(
+        subject, mask, f"--subject {args.subject!r}", f"--subject-mask {args.subject_mask!r}" if mask else None
+    )
+
+
+def check_subject(
+    subject: Image.Image,
+    mask: Image.Image | None,
+    label: str,
+    mask_label: str | None = None,
+    name: str = "--subject",
+    mask_name: str = "--subject-mask",
+):
+    """The subject as the pipeline takes it (an image, or an (image, mask) pair), known to be non-empty.
+
+    Raises:
+        CLIError: the mask does not match the subject, or nothing of the subject is left.
+    """
     from inference.subject import subject_square
 
-    subject = _read_image(args.subject, "--subject")
-    if args.subject_mask:
-        mask = _read_image(args.subject_mask, "--subject-mask")
+    if mask is not None:
         if mask.size != subject.size:
-            raise CLIError(f"--subject-mask is {_size(mask)} but --subject is {_size(subject)}; they must match")
+            raise CLIError(f"{mask_name} is {_size(mask)} but {name} is {_size(subject)}; they must match")
         subject = (_to_rgb(subject), _to_8bit(mask).convert("L"))
-        empty = f"--subject-mask {args.subject_mask!r} is empty: no pixel is white (>= {MASK_THRESHOLD})"
+        empty = f"{mask_label or mask_name} is empty: no pixel is white (>= {MASK_THRESHOLD})"
     else:
         subject = _to_8bit(subject)
-        empty = f"--subject {args.subject!r} is fully transparent: no pixel has alpha >= {MASK_THRESHOLD}"
+        empty = f"{label} is fully transparent: no pixel has alpha >= {MASK_THRESHOLD}"
     try:
         subject_square(subject)  # the pipeline's own preprocessing: it refuses an empty subject
     except ValueError as err:
@@ -302,7 +407,12 @@ def _read_subject(args: argparse.Namespace):
     return subject
 
 
-def _check_device(text: str | None) -> str:
+def check_device(text: str | None) -> str:
+    """The torch device to run on: `text` checked against this machine, or cuda when available, else cpu.
+
+    Raises:
+        CLIError: not a device, or one this machine does not have.
+    """
     import torch
 
     if text is None:
@@ -328,8 +438,12 @@ def _check_device(text: str | None) -> str:
     return str(device)
 
 
-def _check_model(model: str) -> str:
-    """The model reference to load; a local folder must be a LAR-Gen pipeline (`model_index.json`)."""
+def check_model(model: str) -> str:
+    """The model reference to load; a local folder must be a LAR-Gen pipeline (`model_index.json`).
+
+    Raises:
+        CLIError: a missing folder, or one that is not a complete LAR-Gen pipeline.
+    """
     from inference.loading import _looks_like_local_path
 
     path = Path(model).expanduser()
@@ -426,42 +540,76 @@ def _write_atomic(image: Image.Image, out: Path, fmt: str) -> None:
         raise
 
 
+def check_guidance_inputs(
+    prompt: str | None,
+    has_subject: bool,
+    has_subject_mask: bool,
+    names: tuple[str, str, str] = ("--prompt", "--subject", "--subject-mask"),
+) -> bool:
+    """Check that a prompt, a subject or both are given; returns whether the prompt has text.
+
+    Raises:
+        CLIError: neither is given, or a subject mask comes without its subject.
+    """
+    prompt_name, subject_name, mask_name = names
+    has_text = bool(prompt and prompt.strip())
+    if not has_text and not has_subject:
+        raise CLIError(f"nothing to inpaint with: give {prompt_name}, {subject_name}, or both")
+    if has_subject_mask and not has_subject:
+        raise CLIError(f"{mask_name} needs {subject_name} (it is the mask of that image)")
+    return has_text
+
+
+def load_pipeline(model_ref: str, model: str, show_bars: bool = False):
+    """Load the `LARGenPipeline` at `model_ref` (checked by `check_model`); `model` is how the user wrote it.
+
+    Raises:
+        CLIError: one line naming `--model` when the load fails.
+    """
+    from inference.pipeline import LARGenPipeline
+
+    try:
+        with _model_loading(show_bars=show_bars):
+            return LARGenPipeline.from_pretrained(model_ref)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(" Please check out the root cause")[0]  # there is no stacktrace above
+        raise CLIError(f"--model {model!r} cannot be loaded: {first}") from err
+
+
+def check_steps(pipe, steps: int, name: str = "--steps") -> None:
+    """Refuse more denoising steps than the model's scheduler was trained with.
+
+    Raises:
+        CLIError: `steps` is over the scheduler's `num_train_timesteps`.
+    """
+    train_steps = pipe.scheduler.config.get("num_train_timesteps")
+    if train_steps is not None and steps > train_steps:
+        raise CLIError(f"{name} must be <= {train_steps} (the model's training timesteps), got {steps}")
+
+
 # ---------------------------------------------------------------------- the command
 def _inpaint(args: argparse.Namespace) -> Path:
     model = args.model or os.environ.get(MODEL_ENV)
     if not model:
         raise CLIError(f"no model: pass --model DIR|HUBID or set ${MODEL_ENV}")
-    has_text = bool(args.prompt and args.prompt.strip())
-    if not has_text and not args.subject:
-        raise CLIError("nothing to inpaint with: give --prompt, --subject, or both")
-    if args.subject_mask and not args.subject:
-        raise CLIError("--subject-mask needs --subject (it is the mask of that image)")
+    has_text = check_guidance_inputs(args.prompt, bool(args.subject), bool(args.subject_mask))
     out, fmt = _check_out(args.out)
     image = _read_image(args.image, "--image")
     if args.mask:
-        mask = _check_mask(_read_image(args.mask, "--mask"), image, args.mask)
+        mask = check_mask(_read_image(args.mask, "--mask"), image, f"--mask {args.mask!r}")
     else:
-        mask = _parse_box(args.box, image.size)
+        mask = parse_box(args.box, image.size)
     image = _to_rgb(image)
     subject = _read_subject(args) if args.subject else None
-    device = _check_device(args.device)
-    model_ref = _check_model(model)
+    device = check_device(args.device)
+    model_ref = check_model(model)
 
     import torch
 
-    from inference.pipeline import LARGenPipeline
-
     interactive = sys.stderr.isatty()
-    try:
-        with _model_loading(show_bars=interactive):
-            pipe = LARGenPipeline.from_pretrained(model_ref)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        first = first.split(" Please check out the root cause")[0]  # there is no stacktrace above
-        raise CLIError(f"--model {model!r} cannot be loaded: {first}") from err
-    train_steps = pipe.scheduler.config.get("num_train_timesteps")
-    if train_steps is not None and args.steps > train_steps:
-        raise CLIError(f"--steps must be <= {train_steps} (the model's training timesteps), got {args.steps}")
+    pipe = load_pipeline(model_ref, model, show_bars=interactive)
+    check_steps(pipe, args.steps)
     pipe.set_progress_bar_config(disable=not interactive)
     pipe = pipe.to(device)
     try:
@@ -494,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inpaint":
             out = _inpaint(args)
             print(f"wrote {out}")
+        elif args.command == "serve":
+            # By name, at run time: `serving` imports `dataengine` (mask models), and `inference`
+            # must not depend on `dataengine` (docs/architecture.md), so nothing here imports it.
+            return importlib.import_module("serving.cli").serve(args)
     except CLIError as err:
         print(f"largen: error: {err}", file=sys.stderr)
         return EXIT_USAGE
