@@ -8,8 +8,12 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export LARGEN_TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist): much of the suite waits on subprocesses, Ray start-up and
+# imports, so two workers on two cores take about half the time. Tests that start Ray share the
+# `ray` xdist group (one worker, one Ray at a time: the docs' `ray start` needs Ray's default ports).
+PYTEST_WORKERS ?= 2
 
-.PHONY: help install test lint tiny-models shards train demo mine sample-images bench-engine
+.PHONY: help install test lint tiny-models shards train demo mine sample-images bench-engine serve
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +30,15 @@ install: ## create .venv and install lar-gen with its dev extras (CPU torch when
 	fi
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@$(PY) -c "import torch, diffusers, transformers, ray, webdataset; print(f'torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, ray {ray.__version__}')"
+	@# The browser tests (tests/serving) drive the system's Chromium; Playwright's own download is not used.
+	@if [ -x "$${LARGEN_CHROMIUM:-/usr/bin/chromium}" ]; then echo "chromium: $${LARGEN_CHROMIUM:-/usr/bin/chromium}"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing: the browser tests need it. On Debian/Ubuntu: sudo apt-get install chromium" \
+		     "(Ubuntu: chromium-browser), or set LARGEN_CHROMIUM to a Chromium binary"; \
+	fi
 
 tiny-models: ## generate the tiny offline model zoo into LARGEN_TINY_MODELS (default .cache/tiny-models)
 	$(PY) scripts/make_tiny_models.py
@@ -35,7 +48,7 @@ lint: ## ruff over the whole project
 
 test: tiny-models ## run the whole test suite on CPU (pytest) and ruff
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # `make shards IN="mined/a mined/b" OUT=release/v1`: one or more mined folders into a release.
 IN ?= mined/default
@@ -52,16 +65,20 @@ shards: ## pack mined folders IN into a dataset release OUT (dedupe, split, resh
 
 # `make train DATA='release/v1/train-{000000..000099}.tar' OUT=runs/largen`: stage 1, then stage 2 from
 # its export; both resume from OUT. Multi-GPU: ACCELERATE_ARGS='--multi_gpu --num_processes 8'.
+# ACCELERATE_DEFAULTS spell out what `accelerate launch` would otherwise guess and warn about (ACCELERATE_ARGS
+# come after them and win); --quiet: a failed run ends with its own one-line error, no launcher traceback.
+# Training precision is the stage config's optim.mixed_precision.
 ACCELERATE ?= $(VENV)/bin/accelerate
+ACCELERATE_DEFAULTS ?= --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 ACCELERATE_ARGS ?=
 train: ## train LAR-Gen on shards DATA into OUT: stage 1 then stage 2 (accelerate launch, resumable)
 	@if [ -z "$(DATA)" ] || [ "$(origin OUT)" != "command line" ]; then \
 		echo "usage: make train DATA=<shards: path, brace pattern or fsspec URL> OUT=<run folder>"; \
 		echo "       [ACCELERATE_ARGS='--multi_gpu --num_processes 8'] [STAGE1_ARGS='--set optim.max_steps=100'] [STAGE2_ARGS=...]"; \
 		exit 2; fi
-	$(ACCELERATE) launch $(ACCELERATE_ARGS) -m training.train --config training/configs/stage1.yaml \
+	$(ACCELERATE) launch $(ACCELERATE_DEFAULTS) $(ACCELERATE_ARGS) -m training.train --config training/configs/stage1.yaml \
 		--set 'data.shards=$(DATA)' --set 'output.dir=$(OUT)/stage1' --resume_from_checkpoint latest $(STAGE1_ARGS)
-	$(ACCELERATE) launch $(ACCELERATE_ARGS) -m training.train --config training/configs/stage2.yaml \
+	$(ACCELERATE) launch $(ACCELERATE_DEFAULTS) $(ACCELERATE_ARGS) -m training.train --config training/configs/stage2.yaml \
 		--set 'data.shards=$(DATA)' --set 'output.dir=$(OUT)/stage2' --set 'model.pretrained=$(OUT)/stage1/final' \
 		--resume_from_checkpoint latest $(STAGE2_ARGS)
 
@@ -90,3 +107,14 @@ mine: ## mine PIPELINE (default sample) of pipelines.yaml into shards: [PROFILE=
 bench-engine: tiny-models ## CPU: images/s of the embedded-Ray data engine vs a sequential loop (256 images, tiny zoo)
 	$(PY) benchmarks/bench_engine.py --images 256 --threads 1
 	$(PY) benchmarks/bench_engine.py --images 256 --threads 1 --images-per-shard 16 --set engine.layout=fused
+
+# `make serve MODEL=.cache/tiny-models/largen-pipeline PROFILE=tiny`: the editor on http://127.0.0.1:7860/.
+# HOST and PORT count only from the command line: shells export HOST (zsh: the machine's name), and
+# serving on it by accident would open the server to the network.
+MODEL ?= $(LARGEN_MODEL)
+SERVE_ARGS ?=
+serve: ## serve the HTTP API + web editor: MODEL=dir [PROFILE=tiny|full for click/word masks] [HOST=..] [PORT=..]
+	$(VENV)/bin/largen serve $(if $(MODEL),--model $(MODEL)) \
+		--host $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1) \
+		--port $(if $(filter command line,$(origin PORT)),$(PORT),7860) \
+		$(if $(PROFILE),--profile $(PROFILE)) $(SERVE_ARGS)

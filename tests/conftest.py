@@ -29,3 +29,15 @@ def tiny_zoo() -> Path:
     from scripts.make_tiny_models import build_zoo, zoo_dir
 
     return build_zoo(zoo_dir(), quiet=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray (marker `ray`, or the `ray_local` fixture) run in one xdist group.
+
+    `make test` runs two pytest-xdist workers with `--dist loadgroup`: the group keeps those tests
+    on one worker, so at most one Ray runs at a time (a `ray start` in the docs needs Ray's default
+    ports, which a second Ray would hold). Without xdist the mark does nothing.
+    """
+    for item in items:
+        if item.get_closest_marker("ray") or "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
