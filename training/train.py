@@ -745,8 +745,10 @@ def evaluation_loss(
 
     Args:
         shuffle_conditions: which conditions each scene takes from another sample of its batch
-            (rolled by one): "text", "image" (the subject, for Assign and Refine alike) or "both";
-            True means "both", False none. A model that uses a condition scores worse without it.
+            (rolled by one): "text", "image" (the subject, for Assign and Refine alike), "refine"
+            (only RefineNet's subject input: Assign keeps the true subject, so what changes is
+            the detail Refine brings) or "both"; True means "both", False none. A model that uses
+            a condition scores worse without it.
         region: "all" (Eq. 11 as trained) or "mask" (only the latents inside m*, where the
             conditions decide the content).
         conditions: which conditions the model is given: "both" (as the batch says), "text" (the
@@ -769,9 +771,11 @@ def evaluation_loss(
         raise ValueError(f"conditions must be 'both', 'text' or 'image', got {conditions!r}")
     shuffle = {True: "both", False: "none"}.get(shuffle_conditions, shuffle_conditions)
     rolled = {"none": (), "text": ("input_ids", "drop_text"), "image": ("clip_pixels", "refine_pixels", "drop_image"),
+              "refine": ("refine_pixels",),
               "both": ("input_ids", "drop_text", "clip_pixels", "refine_pixels", "drop_image")}.get(shuffle)
     if rolled is None:
-        raise ValueError(f"shuffle_conditions must be a bool, 'text', 'image' or 'both', got {shuffle_conditions!r}")
+        raise ValueError(
+            f"shuffle_conditions must be a bool, 'text', 'image', 'refine' or 'both', got {shuffle_conditions!r}")
     device = next(model.parameters()).device
     use_refine = stage == 2 and refine
     denoiser = ConditionedDenoiser(model, beta=beta, use_refine=use_refine)

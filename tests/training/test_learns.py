@@ -16,10 +16,9 @@ from training.learning_check import run_learning_check, run_refine_check
 
 # Thresholds on loss(true condition) / loss(shuffled condition) inside the hole, and Refine on / off,
 # from 5 seeds (docs/training.md): each sits above the worst seed measured (stage 1: 0.62, stage 2:
-# 0.969 and 0.978); this test's seed 0 measured 0.52 / 0.47 / 0.33 and 0.92 / 0.94.
+# 0.969); this test's seed 0 measured 0.52 / 0.47 / 0.33 and 0.92.
 STAGE1_MAX_RATIO = 0.75  # each condition lowers the masked loss by at least 25 %
-STAGE2_MAX_RATIO_VS_OFF = 0.985  # Refine lowers it by more than 1.5 %
-STAGE2_MAX_RATIO_VS_SHUFFLED = 0.99  # and this sample's subject by more than 1 %
+STAGE2_MAX_RATIO_VS_OFF = 0.985  # the trained RefineNet lowers it by more than 1.5 % (0.997 after 1 step)
 
 
 @contextmanager
@@ -53,13 +52,13 @@ def test_stage1_learns_and_uses_each_condition(stage1):
 
 
 @pytest.mark.slow
-def test_stage2_learns_to_use_refinenet_detail(stage1, tmp_path_factory):
+def test_stage2_trains_refinenet_into_a_gain(stage1, tmp_path_factory):
     with torch_threads(1):
         report = run_refine_check(stage1["export_dir"], tmp_path_factory.mktemp("learns-stage2"))
-    # Refine lowers the masked loss against the same model with Refine off, and the gain comes from
-    # this sample's subject: another sample's pattern (same colours, same caption) does worse.
+    # Refine lowers the masked loss against the same model with Refine off. (That the gain is this
+    # sample's detail is NOT shown at this scale: shuffling only RefineNet's input moves the loss by
+    # < 0.2 %, docs/training.md. A whole-subject shuffle would pass through Assign alone.)
     assert report["ratios"]["refine_vs_off"] < STAGE2_MAX_RATIO_VS_OFF, report
-    assert report["ratios"]["refine_vs_shuffled"] < STAGE2_MAX_RATIO_VS_SHUFFLED, report
 
 
 def test_evaluation_loss_rejects_unknown_modes(tiny_zoo):
