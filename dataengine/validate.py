@@ -66,6 +66,13 @@ def not_a_file(path: Path) -> str | None:
     return "not a regular file"
 
 
+def file_problem(path: Path) -> str | None:
+    """Why a file the release must hold cannot be read as one ("missing", or `not_a_file`'s reason), or None."""
+    if not path.exists() and not path.is_symlink():
+        return "missing"
+    return not_a_file(path)
+
+
 @dataclass
 class ValidationReport:
     """The result of validating a release: every problem found, and what was counted."""
@@ -308,11 +315,8 @@ def _check_indexes(root: Path, splits: list[str], tar_counts: dict[str, int], er
     for split in [*splits, *stray]:
         name = index_name(split)
         path = root / name
-        if not path.exists() and not path.is_symlink():
-            errors.append(f"{name}: missing (the wids index of split {split})")
-            continue
-        if why := not_a_file(path):
-            errors.append(f"{name}: {why}")
+        if why := file_problem(path):
+            errors.append(f"{name}: {why}" + (f" (the wids index of split {split})" if why == "missing" else ""))
             continue
         index = read_json_model(path, WidsIndex, errors)
         if index is None:
@@ -345,10 +349,7 @@ def _check_manifest(
 ) -> None:
     """One manifest row per sample, naming the tar that holds it, that tar's split and the position."""
     path = root / MANIFEST
-    if not path.exists() and not path.is_symlink():
-        errors.append(f"{MANIFEST}: missing")
-        return
-    if why := not_a_file(path):
+    if why := file_problem(path):
         errors.append(f"{MANIFEST}: {why}")
         return
     table = read_manifest(path, errors)
@@ -391,10 +392,7 @@ def _check_manifest(
 def _check_release_json(root: Path, report: ValidationReport, errors: list[str]) -> None:
     """`release.json` has the release's shape, a valid license, and the counts of the tars."""
     path = root / RELEASE_JSON
-    if not path.exists() and not path.is_symlink():
-        errors.append(f"{RELEASE_JSON}: missing")
-        return
-    if why := not_a_file(path):
+    if why := file_problem(path):
         errors.append(f"{RELEASE_JSON}: {why}")
         return
     info = read_json_model(path, ReleaseInfo, errors)
@@ -423,10 +421,7 @@ def _check_sums(root: Path, tar_digests: dict[str, str], errors: list[str]) -> N
     from dataengine.release import sha256_file
 
     path = root / SUMS
-    if not path.exists() and not path.is_symlink():
-        errors.append(f"{SUMS}: missing")
-        return
-    if why := not_a_file(path):
+    if why := file_problem(path):
         errors.append(f"{SUMS}: {why}")
         return
     listed = read_sums(path, errors)
