@@ -631,8 +631,12 @@ def compute_loss(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder, 
 
 def predict_noise(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder, noise_scheduler: DDPMScheduler,
                   gen: torch.Generator, scaling: float, weight_dtype: torch.dtype, device: torch.device,
-                  stage: int, vae_latents: str = "sample") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode a batch, noise it at random timesteps and predict: (prediction, target, latent mask m*)."""
+                  stage: int, vae_latents: str = "sample",
+                  timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode a batch, noise it and predict: (prediction, target, latent mask m*).
+
+    `timesteps` ([B] long) fixes the noise levels; None draws them uniformly from `gen`, as in training.
+    """
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         dist = vae.encode(pixels.to(device, weight_dtype)).latent_dist
@@ -647,7 +651,9 @@ def predict_noise(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder,
         masked_latents = encode(pixel_values * (1.0 - mask_px))
         mask = F.interpolate(mask_px.to(weight_dtype), size=latents.shape[-2:])
         text_embeds = text_encoder(batch["input_ids"].to(device))[0]
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device, generator=gen)
+        if timesteps is None:
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
+                                      generator=gen)
         noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         refine_latents = None
@@ -731,9 +737,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 @torch.no_grad()
 def evaluation_loss(
@@ -784,10 +787,6 @@ def evaluation_loss(
     empty_ids = pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                truncation=True, return_tensors="pt").input_ids
 
-    def encode(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        return (dist.mode() if vae_latents == "mode" else dist.sample(generator=gen)) * scaling
-
     total, weight = 0.0, 0.0
     for i, batch in enumerate(batches):
         batch = dict(batch)
@@ -799,37 +798,19 @@ def evaluation_loss(
             batch["input_ids"] = empty_ids.expand(bsz, -1)
         if conditions != "both":
             batch["drop_image"] = torch.full((bsz,), conditions == "text")
-        if timesteps is None:  # the training path: random timesteps and noise from the batch's generator
-            gen = step_generator(seed, i, 0, 0, device)
+        # Fixed timesteps: the same batch at each of them, each with its own fixed noise.
+        levels = [None] if timesteps is None else [torch.full((bsz,), int(t), device=device, dtype=torch.long)
+                                                   for t in timesteps]
+        for k, ts in enumerate(levels):
+            gen = step_generator(seed, i, 0 if ts is None else k + 1, 0, device)
             pred, target, mask = predict_noise(denoiser, batch, vae, pipe.text_encoder, scheduler, gen, scaling,
-                                               vae.dtype, device, 2 if use_refine else 1, vae_latents)
-            preds = [(pred, target)]
-        else:  # the same inputs at each fixed timestep; encoded once
-            gen = step_generator(seed, i, 0, 0, device)
-            pixels = pixels_to_unit_range(batch["pixel_values"].to(device))
-            mask_px = batch["mask"].to(device).float()
-            latents = encode(pixels, gen)
-            masked_latents = encode(pixels * (1.0 - mask_px), gen)
-            mask = F.interpolate(mask_px.to(vae.dtype), size=latents.shape[-2:])
-            text_embeds = pipe.text_encoder(batch["input_ids"].to(device))[0]
-            subject = encode(batch["refine_pixels"], gen) if use_refine else None
-            preds = []
-            for k, t in enumerate(timesteps):
-                gen = step_generator(seed, i, k + 1, 0, device)
-                ts = torch.full((bsz,), int(t), device=device, dtype=torch.long)
-                noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=gen)
-                refine_latents = None
-                if subject is not None:
-                    subject_noise = torch.randn(subject.shape, device=device, dtype=subject.dtype, generator=gen)
-                    refine_latents = scheduler.add_noise(subject, subject_noise, ts)
-                target = noise if scheduler.config.prediction_type == "epsilon" else \
-                    scheduler.get_velocity(latents, noise, ts)
-                pred = denoiser(scheduler.add_noise(latents, noise, ts), ts, mask, masked_latents, text_embeds,
-                                batch["clip_pixels"].to(device), batch["drop_image"].to(device), refine_latents)
-                preds.append((pred, target))
-        for pred, target in preds:
+                                               vae.dtype, device, 2 if use_refine else 1, vae_latents, timesteps=ts)
             err = (pred.float() - target.float()) ** 2
             w = mask.float().expand_as(err) if region == "mask" else torch.ones_like(err)
             total += float((err * w).sum())
             weight += float(w.sum())
     return total / max(weight, 1e-12)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
