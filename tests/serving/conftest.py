@@ -9,17 +9,15 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+
+from tests.threads import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="package")
 def _single_torch_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only add spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="package")

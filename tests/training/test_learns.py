@@ -7,11 +7,9 @@ The thresholds are ratios of held-out losses with margins measured over seeds, n
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
-import torch
 
+from tests.threads import torch_threads
 from training.learning_check import run_learning_check, run_refine_check
 
 # Thresholds on loss(true condition) / loss(shuffled condition) inside the hole, and Refine on / off,
@@ -19,17 +17,6 @@ from training.learning_check import run_learning_check, run_refine_check
 # 0.969); this test's seed 0 measured 0.52 / 0.47 / 0.33 and 0.92.
 STAGE1_MAX_RATIO = 0.75  # each condition lowers the masked loss by at least 25 %
 STAGE2_MAX_RATIO_VS_OFF = 0.985  # the trained RefineNet lowers it by more than 1.5 % (0.997 after 1 step)
-
-
-@contextmanager
-def torch_threads(count: int):
-    # The tensors are tiny: one intra-op thread is as fast, and it does not spin against other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
