@@ -352,6 +352,37 @@ def build_llava(out: Path) -> None:
     ).save_pretrained(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# tag: RAM++ (tiny Swin + tiny tagging head), saved in the published checkpoint's layout
+# ---------------------------------------------------------------------------------------------
+
+RAM_TINY_FILENAME = "ram_plus_tiny.pth"
+
+
+def build_ram_plus(out: Path) -> None:
+    """Tiny RAM++ over `TINY_TAGS` as a published-layout `.pth` + config.json + tag list + thresholds.
+
+    The thresholds are upstream's for these tags. The classifier's weights are drawn wider than a
+    fresh `nn.Linear` so the random model's tag probabilities spread instead of all sitting at 0.5.
+    """
+    from dataengine.ram.checkpoint import model_to_published, write_config, write_tag_files
+    from dataengine.ram.files import BUILTIN_TAG_LIST, BUILTIN_THRESHOLDS, read_tag_list, read_thresholds
+    from dataengine.ram.model import RamPlus, RamPlusConfig
+
+    upstream = read_tag_list(BUILTIN_TAG_LIST)
+    upstream_thresholds = read_thresholds(BUILTIN_THRESHOLDS, len(upstream), RamPlusConfig.full().threshold)
+    by_tag = dict(zip(upstream, upstream_thresholds))
+    config = RamPlusConfig.tiny(num_tags=len(TINY_TAGS))
+    torch.manual_seed(SEED)
+    model = RamPlus(config).eval()
+    with torch.no_grad():
+        model.label_embed.normal_(0.0, 1.0)
+        model.fc.weight.normal_(0.0, 0.5)
+    torch.save({"model": model_to_published(model)}, out / RAM_TINY_FILENAME)
+    write_config(out, config)
+    write_tag_files(out, list(TINY_TAGS), [by_tag[tag] for tag in TINY_TAGS])
+
+
 @contextmanager
 def _quiet_progress() -> Iterator[None]:
     """Hide transformers' per-file progress bars while a builder saves (they swamp the zoo log)."""
@@ -376,6 +407,7 @@ def _quietly(build: Callable[[Path], None]) -> Callable[[Path], None]:
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "clip-tagger": _quietly(build_clip_tagger),
+    "ram-plus": _quietly(build_ram_plus),
     "grounding-dino": _quietly(build_grounding_dino),
     "sam": _quietly(build_sam),
     "llava": _quietly(build_llava),

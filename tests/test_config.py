@@ -228,12 +228,14 @@ def test_unreadable_configs_are_one_line_errors(tmp_path: Path, monkeypatch):
         read_yaml(ok)
 
 
-def test_ram_tagger_is_a_checkpoint_file(repo_root: Path, tmp_path: Path):
+def test_ram_tagger_is_a_checkpoint_file_or_a_folder_holding_one(repo_root: Path, tmp_path: Path):
     checkpoint = tmp_path / "ram_plus_swin_large_14m.pth"
     checkpoint.write_bytes(b"weights")
-    run = load_run_config(repo_root / "pipelines.yaml", "default", profile="full",
-                          overrides=["tag.backend=ram", f"profiles.full.tagger={checkpoint}"])  # fmt: skip
-    assert run.profile.tagger == str(checkpoint)
-    with pytest.raises(ConfigError, match=r"profiles\.full\.tagger: local file .* does not exist"):
+    for ref in (checkpoint, tmp_path):  # the file, or a folder holding it
+        run = load_run_config(repo_root / "pipelines.yaml", "default", profile="full",
+                              overrides=["tag.backend=ram", f"profiles.full.tagger={ref}"])  # fmt: skip
+        assert run.profile.tagger == str(ref)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"profiles\.full\.tagger: local file or folder .*empty' holds no RAM\+\+ checkpoint"):
         load_run_config(repo_root / "pipelines.yaml", "default", profile="full",
-                        overrides=["tag.backend=ram", f"profiles.full.tagger={tmp_path}"])  # fmt: skip
+                        overrides=["tag.backend=ram", f"profiles.full.tagger={tmp_path / 'empty'}"])  # fmt: skip

@@ -1,13 +1,16 @@
-"""Tag stage: which object tags an image holds (paper section 5: RAM; here CLIP zero-shot or RAM).
+"""Tag stage: which object tags an image holds (paper section 5: RAM; here RAM++ or CLIP zero-shot).
 
-`clip` (default) scores the image against every tag of the profile's vocabulary with CLIP
-("a photo of a {tag}"), softmax over the vocabulary, keeps tags at or above `threshold`, drops
-non-entity tags (sky, nature, skin, ...: not a box-able instance) and keeps the `top_k` best.
-`ram` uses the recognize-anything package when it is installed.
+`ram` (default): RAM++ (`dataengine.ram`, built in) on the profile's `tagger` checkpoint; a tag is
+recognised above its per-tag threshold (or `tag.ram_threshold` for every tag), ranked by
+probability. `clip`, the light option: the profile's `clip` model scores the image against every
+tag of `tag_vocabulary` ("a photo of a {tag}"), softmax over the vocabulary. Both then keep tags at
+or above `threshold`, drop non-entity tags (sky, nature, skin, ...: not a box-able instance) and
+keep the `top_k` best.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -15,11 +18,21 @@ from PIL import Image
 
 from dataengine.config import Resources, RunConfig
 from dataengine.models import BUILTIN_NON_ENTITY_TAGS, load_tagger, read_tag_vocabulary
-from dataengine.stages.base import ImageRecord, Stage
+from dataengine.ram.checkpoint import check_checkpoint
+from dataengine.ram.files import (
+    BUILTIN_TAG_LIST,
+    BUILTIN_THRESHOLDS,
+    TagListError,
+    read_tag_list,
+    read_thresholds,
+)
+from dataengine.ram.model import RamPlusConfig
+from dataengine.ram.tagger import RamPlusTagger
+from dataengine.stages.base import ImageRecord, Stage, to_model
 
 
 class TagBackendError(RuntimeError):
-    """The pipeline asks for a tagging backend that is not installed."""
+    """The tagging backend cannot run: its bundled data files are missing or inconsistent."""
 
 
 def non_entity_tags(exclude: list[str] | str) -> set[str]:
@@ -43,11 +56,13 @@ class TagStage(Stage):
         self.tcfg = cfg.pipeline.tag
         self.exclude = non_entity_tags(self.tcfg.exclude)
         if self.tcfg.backend == "ram":
-            self.tagger = RamTagger(cfg.profile.tagger, self.device)
+            self.tagger = RamPlusTagger.load(cfg.profile.tagger, device=self.device, threshold=self.tcfg.ram_threshold,
+                                             dtype=self.dtype)
             return
         self.tagger = None
         self.vocabulary = read_tag_vocabulary(cfg.profile.tag_vocabulary)
-        self.model, self.processor = load_tagger(cfg.profile.tagger, device=self.device)
+        # The resolved profile's tagger is its clip model when tag.backend is clip (config.Profile.resolved).
+        self.model, self.processor = load_tagger(cfg.profile.tagger, device=self.device, dtype=self.dtype)
         prompts = [self.tcfg.prompt.format(tag=t) for t in self.vocabulary]
         with torch.inference_mode():
             text = self.processor(text=prompts, return_tensors="pt", padding=True).to(self.device)
@@ -56,7 +71,7 @@ class TagStage(Stage):
 
     def process(self, records: Sequence[ImageRecord]) -> None:
         if self.tagger is not None:
-            ranked = [self.tagger(Image.fromarray(r.image)) for r in records]
+            ranked = self._ram_scores(records)
         else:
             ranked = self._clip_scores(records)
         for record, scores in zip(records, ranked):
@@ -69,9 +84,14 @@ class TagStage(Stage):
             if not record.tags:
                 record.finish("no_tags", "tag: no entity tag above tag.threshold")
 
+    def _ram_scores(self, records: Sequence[ImageRecord]) -> list[list[tuple[str, float]]]:
+        ranked = self.tagger([Image.fromarray(r.image) for r in records])
+        # Upstream's list is mixed case ("3D CG rendering"); the exclusion list and grounding prompts are lowercase.
+        return [[(tag.lower(), p) for tag, p in tags] for tags in ranked]
+
     def _clip_scores(self, records: Sequence[ImageRecord]) -> list[list[tuple[str, float]]]:
         images = [Image.fromarray(r.image) for r in records]
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = to_model(self.processor(images=images, return_tensors="pt")["pixel_values"], self.device, self.dtype)
         embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         logits = self.model.logit_scale.exp() * embeds @ self.text_embeds.T
@@ -83,41 +103,24 @@ class TagStage(Stage):
         return out
 
 
-def require_ram() -> None:
-    """Check that the recognize-anything package (`tag.backend: ram`) can be imported.
+def require_ram(ref: str | os.PathLike | None = None) -> None:
+    """Check, before any worker starts, that RAM++ (`tag.backend: ram`) can load.
+
+    Always checks the bundled upstream tag list and thresholds (package data) agree with the
+    published model's 4,585 outputs. With `ref` (the profile's tagger), also checks its checkpoint's
+    keys and shapes without loading the weights (`check_checkpoint`); a hub repo is downloaded here,
+    once, so every worker reads the cache.
 
     Raises:
-        TagBackendError: it is not installed; the message says how to install it or what to use instead.
+        TagBackendError: the bundled tag files are missing or inconsistent (a broken install).
+        dataengine.ram.checkpoint.CheckpointError: `ref` holds no usable checkpoint (named keys), or
+            the download fails.
     """
+    full = RamPlusConfig.full()
     try:
-        import ram  # noqa: F401
-        import ram.models  # noqa: F401
-    except ImportError as exc:
-        raise TagBackendError(
-            "tag.backend is 'ram' but the recognize-anything package is not installed: "
-            "pip install git+https://github.com/xinyu1205/recognize-anything.git, "
-            "point profiles.<name>.tagger at the RAM++ checkpoint, or use tag.backend: clip"
-        ) from exc
-
-
-class RamTagger:
-    """RAM / RAM++ (recognize-anything): image → its tags, each scored 1.0 (RAM gives no calibrated score).
-
-    Raises:
-        TagBackendError: the `ram` package is not installed (only when a pipeline asks for it).
-    """
-
-    def __init__(self, checkpoint: str, device: str):
-        require_ram()
-        from ram import get_transform, inference_ram
-        from ram.models import ram_plus
-
-        self.transform = get_transform(image_size=384)
-        self.inference = inference_ram
-        self.model = ram_plus(pretrained=checkpoint, image_size=384, vit="swin_l").eval().to(device)
-        self.device = device
-
-    def __call__(self, image: Image.Image) -> list[tuple[str, float]]:
-        tensor = self.transform(image).unsqueeze(0).to(self.device)
-        english, _ = self.inference(tensor, self.model)
-        return [(t.strip().lower(), 1.0) for t in english.split("|") if t.strip()]
+        read_tag_list(BUILTIN_TAG_LIST, expected=full.num_tags)
+        read_thresholds(BUILTIN_THRESHOLDS, full.num_tags, full.threshold)
+    except (OSError, TagListError) as exc:
+        raise TagBackendError(f"tag.backend is 'ram' but the bundled RAM++ tag files are broken: {exc}") from exc
+    if ref is not None:
+        check_checkpoint(ref)

@@ -38,7 +38,9 @@ def image() -> Image.Image:
 
 
 def test_builders_are_the_documented_set():
-    assert set(tiny_models.BUILDERS) == set(NAMES)
+    # ram-plus is a .pth in the published RAM++ layout on purpose (the real file's loader reads it),
+    # so it is not one of NAMES, whose checkpoints must be safetensors.
+    assert set(tiny_models.BUILDERS) == set(NAMES) | {"ram-plus"}
     assert tiny_models.RECIPE_VERSION == "1"
 
 
