@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from dataengine.ram.files import checkpoint_in
 from dataengine.typed_config import (
     ConfigError,
     StrictModel,
@@ -67,28 +68,39 @@ class ImagePromptRef(StrictModel):
 class Profile(StrictModel):
     """Which checkpoint serves each model role (hub id or local folder)."""
 
-    tagger: str
+    tagger: str = Field(
+        description="RAM++ checkpoint (tag.backend: ram): a hub repo holding ram_plus_swin_large_14m.pth, "
+        "a .pth file, or a folder holding one or a converted model (python -m dataengine.ram convert)"
+    )
     tag_vocabulary: str = "builtin"
     grounding: str
     segmenter: str
     captioner: str
+    clip: str = Field(description="CLIP checkpoint that scores caption <-> instance crop agreement (filter.min_clip_score)")
     inpaint: str
     image_prompt: ImagePromptRef
 
-    def resolved(self, name: str, tagger_is_file: bool = False) -> Profile:
+    def resolved(self, name: str, tag_backend: str = "ram") -> Profile:
         """A copy with local refs expanded and checked to exist.
+
+        In the copy, `tagger` is the checkpoint the run tags with, so provenance and model checks
+        need not know the backend: the RAM++ `tagger` for `tag.backend: ram`, the profile's `clip`
+        model (scoring `tag_vocabulary` zero-shot) for `tag.backend: clip`.
 
         Args:
             name: the profile's name (for messages).
-            tagger_is_file: the tagger is a checkpoint file (`tag.backend: ram`), not a model folder.
+            tag_backend: the pipeline's `tag.backend`.
 
         Raises:
-            ConfigError: a local model path does not exist.
+            ConfigError: a local model path does not exist, or holds no RAM++ checkpoint.
         """
         data = self.model_dump()
-        for role in ("tagger", "grounding", "segmenter", "captioner", "inpaint"):
-            as_file = role == "tagger" and tagger_is_file
-            data[role] = _checked(f"profiles.{name}.{role}", data[role], file=as_file)
+        if tag_backend == "ram":
+            data["tagger"] = _checked_ram(f"profiles.{name}.tagger", data["tagger"])
+        for role in ("grounding", "segmenter", "captioner", "clip", "inpaint"):
+            data[role] = _checked(f"profiles.{name}.{role}", data[role])
+        if tag_backend == "clip":
+            data["tagger"] = data["clip"]
         if data["tag_vocabulary"] != "builtin":
             data["tag_vocabulary"] = _checked(f"profiles.{name}.tag_vocabulary", data["tag_vocabulary"], file=True)
         data["image_prompt"]["repo"] = _checked(f"profiles.{name}.image_prompt.repo", data["image_prompt"]["repo"])
@@ -103,6 +115,18 @@ def _checked(key: str, ref: str, file: bool = False) -> str:
             hint = " (run `make tiny-models` to generate the tiny zoo)" if TINY_PLACEHOLDER in ref else ""
             kind = "file" if file else "model folder"
             raise ConfigError(f"{key}: local {kind} {expanded!r} does not exist{hint}")
+    return expanded
+
+
+def _checked_ram(key: str, ref: str) -> str:
+    """A RAM++ ref: a hub id as is, or a local .pth file or a folder `checkpoint_in` finds one in."""
+    expanded = expand_ref(ref)
+    if is_local_ref(ref) and checkpoint_in(expanded) is None:
+        hint = " (run `make tiny-models` to generate the tiny zoo)" if TINY_PLACEHOLDER in ref else ""
+        problem = "does not exist"
+        if Path(expanded).is_dir():
+            problem = "holds no RAM++ checkpoint (a .pth file, or model.safetensors + config.json)"
+        raise ConfigError(f"{key}: local file or folder {expanded!r} {problem}{hint}")
     return expanded
 
 
@@ -129,8 +153,13 @@ class InputSpec(StrictModel):
 
 
 class TagConfig(StrictModel):
-    backend: Literal["clip", "ram"] = "clip"
+    backend: Literal["clip", "ram"] = Field(
+        "ram", description="ram: RAM++ (profile tagger), the paper's tagger; clip: zero-shot with the profile's clip"
+    )
     threshold: float = Field(0.2, ge=0, le=1)
+    ram_threshold: float | None = Field(
+        None, ge=0, le=1, description="RAM++: one threshold for every tag instead of the per-tag thresholds"
+    )
     top_k: int = Field(5, ge=1)
     exclude: list[str] | Literal["builtin"] = "builtin"
     prompt: str = Field("a photo of a {tag}", description="CLIP text template for each vocabulary tag")
@@ -145,6 +174,9 @@ class GroundConfig(StrictModel):
 
 
 class SegmentConfig(StrictModel):
+    stability_offset: float = Field(
+        1.0, gt=0, description="logit offset of SAM's stability score: IoU of the mask at +offset and -offset (SAM: 1.0)"
+    )
     resources: Resources = Resources()
 
 
@@ -152,7 +184,13 @@ class FilterConfig(StrictModel):
     min_box_area_frac: float = Field(0.01, ge=0, le=1)
     max_box_area_frac: float = Field(0.8, ge=0, le=1)
     min_box_side: int = Field(16, ge=0)
-    min_mask_score: float = Field(0.5, ge=0, le=1)
+    min_mask_score: float = Field(0.5, ge=0, le=1, description="SAM's predicted IoU of the chosen mask")
+    min_mask_stability: float = Field(
+        0.85, ge=0, le=1, description="SAM's stability score (segment.stability_offset); SAM's own generator uses 0.95"
+    )
+    min_clip_score: float = Field(
+        0.2, ge=-1, le=1, description="CLIP cosine similarity of the regional caption and the instance crop"
+    )
     max_instances: int = Field(8, ge=1)
 
     @model_validator(mode="after")
@@ -169,7 +207,13 @@ class SubjectConfig(StrictModel):
 
 
 class CaptionConfig(StrictModel):
+    mode: Literal["regional", "global", "both"] = Field(
+        "regional",
+        description="regional: the instance crop (the paper); global: the whole image (the paper's Table 2 "
+        "baseline); both: each sample's json holds both, the trainer picks one (data.caption)",
+    )
     prompt: str = "Describe the {tag} in this image in one short sentence."
+    global_prompt: str = "Describe this image in one short sentence."
     max_new_tokens: int = Field(40, ge=1)
     min_words: int = Field(2, ge=1)
     resources: Resources = Resources()
@@ -180,6 +224,15 @@ class CaptionConfig(StrictModel):
         if "{tag}" not in v:
             raise ValueError("the caption prompt must contain the placeholder {tag}")
         return v
+
+
+class DedupConfig(StrictModel):
+    """Near-duplicate source images across the whole run (perceptual hash; the first in input order is kept)."""
+
+    enabled: bool = True
+    max_distance: int = Field(
+        4, ge=0, le=32, description="Hamming distance (of 64 bits) of two pHashes at or below which images are duplicates"
+    )
 
 
 class OutputConfig(StrictModel):
@@ -205,6 +258,11 @@ class EngineConfig(StrictModel):
         "whose replicas each load every model and run whole shards (`fused` resources)",
     )
     fused: Resources = Resources(replicas=2, num_cpus=1.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the models' weights and inputs: auto = bfloat16 on a CUDA GPU (half the memory, tensor cores), "
+        "float32 on CPU",
+    )
 
 
 class PipelineConfig(StrictModel):
@@ -213,6 +271,7 @@ class PipelineConfig(StrictModel):
     description: str = ""
     profile: str = "full"
     inputs: list[InputSpec] = Field(min_length=1)
+    dedup: DedupConfig = DedupConfig()
     tag: TagConfig = TagConfig()
     ground: GroundConfig = GroundConfig()
     segment: SegmentConfig = SegmentConfig()
@@ -298,5 +357,5 @@ def load_run_config(
         raise ConfigError(
             f"{path}: profile {profile_name!r} is not defined; defined profiles: {', '.join(project.profiles)}"
         )
-    resolved = project.profiles[profile_name].resolved(profile_name, tagger_is_file=pipe.tag.backend == "ram")
+    resolved = project.profiles[profile_name].resolved(profile_name, tag_backend=pipe.tag.backend)
     return RunConfig(pipeline_name=pipeline, profile_name=profile_name, pipeline=pipe, profile=resolved)

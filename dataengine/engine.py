@@ -1,4 +1,4 @@
-"""The mining engine: input shards → read → tag → ground → segment/filter/subject → caption → encode → shards.
+"""The mining engine: input shards → dedup → read → tag → ground → segment/filter/subject → caption/agreement → encode → shards.
 
 Two executors run the same stage objects on the same per-shard batches:
 
@@ -10,6 +10,8 @@ Two executors run the same stage objects on the same per-shard batches:
   embedded local Ray.
 - `local`: a plain loop in this process (tests, debugging, the benchmark's baseline).
 
+Before the stages, a short pass hashes the pending shards' images (Ray tasks, or in process) so
+near-duplicate images are never mined (`dataengine.dedup`: the first in input order is kept).
 The driver commits each shard as soon as its row comes out (`QuadrupletWriter`), shows live
 progress, and returns a `RunSummary` whose `table()` is the final summary.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -30,13 +33,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dataengine.config import InputSpec, Resources, RunConfig
+from dataengine.dedup import Duplicate, HashedImage, hash_shard, plan_duplicates
 from dataengine.inputs import InputShard, plan_shards
-from dataengine.models import check_models
+from dataengine.models import check_models, read_model_config
 from dataengine.shards import OutputError, QuadrupletWriter
 from dataengine.stages.base import ImageRecord, Stage, StageChain, make_batch
 from dataengine.stages.caption import CaptionStage
 from dataengine.stages.encode import EncodeStage
-from dataengine.stages.filter import FilterStage
+from dataengine.stages.filter import AgreementStage, FilterStage
 from dataengine.stages.ground import GroundStage
 from dataengine.stages.read import ReadStage
 from dataengine.stages.segment import SegmentStage
@@ -45,7 +49,10 @@ from dataengine.stages.tag import TagStage, require_ram
 
 logger = logging.getLogger("dataengine")
 
-STAGE_ORDER = ("read", "tag", "ground", "segment", "filter", "subject", "caption", "encode")
+STAGE_ORDER = ("dedup", "read", "tag", "ground", "segment", "filter", "subject", "caption", "agreement", "encode")
+
+# A duplicate's decision, by (shard index, position in the shard).
+DedupPlan = dict[tuple[int, int], tuple[HashedImage, Duplicate | None]]
 
 
 @dataclass(frozen=True)
@@ -70,19 +77,33 @@ def stage_groups(cfg: RunConfig) -> list[StageGroup]:
     if p.engine.layout == "fused":
         # Data parallel: each replica runs whole shards through every stage. On a few CPU cores
         # this avoids time-slicing four model processes per core; on GPUs, one replica per GPU.
-        stages = (ReadStage, TagStage, GroundStage, SegmentStage, FilterStage, SubjectStage, CaptionStage, EncodeStage)
+        stages = (
+            ReadStage, TagStage, GroundStage, SegmentStage, FilterStage, SubjectStage, CaptionStage, AgreementStage,
+            EncodeStage,
+        )  # fmt: skip
         return [StageGroup("fused", stages, p.engine.fused)]
     return [
         StageGroup("tag", (ReadStage, TagStage), p.tag.resources),
         StageGroup("ground", (GroundStage,), p.ground.resources),
         StageGroup("segment", (SegmentStage, FilterStage, SubjectStage), p.segment.resources),
-        StageGroup("caption", (CaptionStage, EncodeStage), p.caption.resources),
+        StageGroup("caption", (CaptionStage, AgreementStage, EncodeStage), p.caption.resources),
     ]
 
 
-def new_records(shard: InputShard) -> list[ImageRecord]:
-    """One fresh record per input image of the shard."""
-    return [ImageRecord(shard=shard.index, index=i, item=item) for i, item in enumerate(shard.items)]
+def new_records(shard: InputShard, plan: DedupPlan | None = None) -> list[ImageRecord]:
+    """One fresh record per input image of the shard; with a dedup plan, duplicates come out finished."""
+    records = [ImageRecord(shard=shard.index, index=i, item=item) for i, item in enumerate(shard.items)]
+    for record in records if plan is not None else ():
+        hashed, duplicate = plan[(shard.index, record.index)]
+        record.phash = hashed.phash
+        record.seconds["dedup"] = hashed.seconds
+        if duplicate is None:
+            record.counts["dedup"] = 1
+            continue
+        record.source_id = hashed.source_id
+        record.duplicate_of = duplicate.of
+        record.finish(duplicate.reason, duplicate.detail())
+    return records
 
 
 # --------------------------------------------------------------------------- executors
@@ -92,11 +113,18 @@ class LocalExecutor:
     """Every stage in this process, shard after shard (models loaded once, at construction)."""
 
     def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
         self.chains = [StageChain(g.stages, cfg) for g in stage_groups(cfg)]
 
-    def run(self, shards: Sequence[InputShard]) -> Iterator[tuple[int, list[ImageRecord]]]:
+    def hash_shards(self, shards: Sequence[InputShard]) -> dict[int, list[HashedImage]]:
+        """The dedup pass over `shards`, by shard index."""
+        return {s.index: hash_shard(s, self.cfg) for s in shards}
+
+    def run(
+        self, shards: Sequence[InputShard], plan: DedupPlan | None = None
+    ) -> Iterator[tuple[int, list[ImageRecord]]]:
         for shard in shards:
-            batch = make_batch(shard.index, new_records(shard))
+            batch = make_batch(shard.index, new_records(shard, plan))
             for chain in self.chains:
                 batch = chain(batch)
             yield shard.index, list(batch["records"][0])
@@ -117,12 +145,23 @@ class RayExecutor:
         # Rows carry Python records (numpy arrays inside): Ray stores them pickled, as designed.
         ctx.enable_fallback_to_arrow_object_ext_type = True
 
-    def run(self, shards: Sequence[InputShard]) -> Iterator[tuple[int, list[ImageRecord]]]:
+    def hash_shards(self, shards: Sequence[InputShard]) -> dict[int, list[HashedImage]]:
+        """The dedup pass over `shards`, by shard index: one Ray task per shard, all in parallel."""
+        import ray
+
+        # Reading and decoding is the read stage's work, which runs with the tagger's CPUs.
+        task = ray.remote(num_cpus=self.cfg.pipeline.tag.resources.num_cpus, max_retries=0)(hash_shard)
+        refs = {s.index: task.remote(s, self.cfg) for s in shards}
+        return {index: ray.get(ref) for index, ref in refs.items()}
+
+    def run(
+        self, shards: Sequence[InputShard], plan: DedupPlan | None = None
+    ) -> Iterator[tuple[int, list[ImageRecord]]]:
         import ray.data
 
         if not shards:
             return
-        rows = [{"shard": s.index, "records": new_records(s)} for s in shards]
+        rows = [{"shard": s.index, "records": new_records(s, plan)} for s in shards]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         for group in stage_groups(self.cfg):
             res = group.resources
@@ -302,6 +341,8 @@ class RunSummary:
         if self.drops:
             lines += ["", f"{'drop reason':<28}{'count':>7}"]
             lines += [f"{k:<28}{v:>7}" for k, v in sorted(self.drops.items(), key=lambda kv: (-kv[1], kv[0]))]
+        if self.samples or self.shards_skipped:
+            lines += ["", f"see the samples: python -m dataengine.preview {shlex.quote(str(self.output))}"]
         return "\n".join(lines)
 
 
@@ -331,7 +372,8 @@ def mine(
         OutputError: the output is a file, cannot be created, holds other files, or lies in an input.
         ResumeError: the output holds shards of other inputs or another config (and no overwrite).
         ModelLoadError: a model cannot be loaded.
-        TagBackendError: `tag.backend: ram` without the recognize-anything package.
+        TagBackendError: the bundled RAM++ tag files are broken (a RAM++ checkpoint that is missing or
+            mismatched raises ModelLoadError).
         RayConnectError: `RAY_ADDRESS` names no reachable cluster.
     """
     start = time.perf_counter()
@@ -370,8 +412,15 @@ def _mine_into(
         if not todo:  # a finished run resumed: nothing to load, no Ray to start
             return _finish(summary, start)
         executor = LocalExecutor(cfg) if backend == "local" else RayExecutor(cfg)
+        plan = None
+        if cfg.pipeline.dedup.enabled:
+            hashed = executor.hash_shards(todo)
+            for shard in shards:
+                if shard.index not in hashed:  # committed earlier: its parquet holds the hashes
+                    hashed[shard.index] = writer.committed_hashes(shard)
+            plan = plan_duplicates(shards, hashed, cfg.pipeline.dedup.max_distance)
         shard_start = time.perf_counter()
-        for shard_index, records in executor.run(todo):
+        for shard_index, records in executor.run(todo, plan):
             stats = writer.commit(by_index[shard_index], records, seconds=time.perf_counter() - shard_start)
             shard_start = time.perf_counter()
             summary.add(stats)
@@ -418,10 +467,15 @@ def check_models_of(cfg: RunConfig) -> None:
 
     Raises:
         ModelLoadError: a checkpoint is missing or of the wrong kind.
-        TagBackendError: `tag.backend: ram` without its package.
+        TagBackendError: the bundled RAM++ tag files are broken (a RAM++ checkpoint that is missing or
+            mismatched raises ModelLoadError).
     """
     clip_tagger = cfg.pipeline.tag.backend == "clip"
     if not clip_tagger:
-        require_ram()
+        require_ram(cfg.profile.tagger)  # keys and shapes, no weights read; a hub file is fetched once here
     p = cfg.profile
     check_models(p.tagger if clip_tagger else None, p.grounding, p.segmenter, p.captioner)
+    if cfg.pipeline.caption.mode != "global":  # the caption <-> crop agreement filter's CLIP
+        from transformers import CLIPModel
+
+        read_model_config("clip", p.clip, CLIPModel)

@@ -151,6 +151,17 @@ def load_tagger(
     return _load(ROLE_TAGGER, ref, CLIPModel, CLIPProcessor, device, dtype)
 
 
+def load_clip(
+    ref: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[CLIPModel, CLIPProcessor]:
+    """Load the CLIP model that scores caption <-> crop agreement (the profile's `clip`); as `load_tagger`.
+
+    Raises:
+        ModelLoadError: the folder is missing or the checkpoint cannot be loaded (naming the role "clip").
+    """
+    return _load("clip", ref, CLIPModel, CLIPProcessor, device, dtype)
+
+
 def load_grounding(
     ref: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:

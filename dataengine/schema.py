@@ -11,7 +11,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,12 @@ META = "json"
 FIELDS: tuple[str, ...] = (SOURCE, MASK, SUBJECT, TEXT, META)
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{16}-\d{3}$")
+# A mined shard `{shard:06d}` is committed when this file of it exists (written last).
+STATS_SUFFIX = "_stats.json"
+
+# What a sample's caption describes: the instance (the paper's data) or the whole image (its baseline).
+CaptionKind = Literal["regional", "global"]
+CAPTION_KINDS: tuple[str, ...] = ("regional", "global")
 
 
 def source_id_from_bytes(data: bytes) -> str:
@@ -66,6 +72,20 @@ class SampleMeta(BaseModel):
     models: dict[str, str]
     pipeline: str
     config_hash: str
+    # Added within format v1 (older shards lack them; None = not computed).
+    mask_stability: float | None = Field(None, ge=0, le=1)
+    clip_score: float | None = Field(None, ge=-1, le=1)
+    captions: dict[CaptionKind, str] | None = None
+
+    def caption(self, kind: str, text: str) -> str | None:
+        """The sample's `kind` caption (`regional` or `global`), or None when it was not mined.
+
+        `text` is the sample's `txt`: shards written before `captions` existed hold only the
+        regional caption, there.
+        """
+        if self.captions is not None:
+            return self.captions.get(kind)
+        return text if kind == "regional" else None
 
 
 @dataclass
@@ -104,8 +124,13 @@ def encode_sample(q: Quadruplet, jpeg_quality: int = 95) -> dict[str, Any]:
     }
 
 
-def decode_sample(raw: dict[str, Any]) -> Quadruplet:
+def decode_sample(raw: dict[str, Any], load_source: bool = True) -> Quadruplet:
     """Decode a raw WebDataset sample (bytes per field) into a checked Quadruplet.
+
+    Args:
+        load_source: False only opens the source JPEG (its header gives the mode and size the
+            checks need) and leaves its pixels undecoded, for a reader that decodes it later, e.g.
+            at a reduced scale (the training loader).
 
     Raises:
         ValueError: a field is missing, does not decode, or breaks the contract.
@@ -115,7 +140,12 @@ def decode_sample(raw: dict[str, Any]) -> Quadruplet:
     if missing:
         raise ValueError(f"sample {key}: missing field(s) {', '.join(missing)}")
     try:
-        source = _open(raw[SOURCE])
+        if load_source:
+            source = _open(raw[SOURCE])
+        else:
+            source = Image.open(io.BytesIO(_bytes(raw[SOURCE])))
+            if source.format != "JPEG":
+                raise ValueError(f"source is {source.format}, expected JPEG")
         mask = _open(raw[MASK])
         subject = _open(raw[SUBJECT])
         text = _bytes(raw[TEXT]).decode("utf-8")
@@ -142,6 +172,14 @@ def check_quadruplet(q: Quadruplet) -> None:
         problems.append(f"subject mode is {q.subject.mode}, expected RGBA")
     if not q.text.strip():
         problems.append("caption is empty")
+    if q.meta.captions is not None:
+        main = next((q.meta.captions[k] for k in CAPTION_KINDS if k in q.meta.captions), None)
+        if main is None:
+            problems.append("json captions is empty")
+        elif main != q.text:
+            problems.append("txt is not the json's regional caption (or, without one, its global caption)")
+        if any(not v.strip() for v in q.meta.captions.values()):
+            problems.append("a json caption is empty")
     if q.mask.mode == "L" and any(q.mask.histogram()[1:255]):  # PIL's C histogram: no full-array pass
         problems.append("mask has values other than 0 and 255")
     if problems:

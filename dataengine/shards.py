@@ -5,7 +5,7 @@ Per output shard `{shard:06d}` (docs/data-format.md, format v1):
 - `{shard}.tar`: the samples, in input order then instance order; tar headers are fixed (mtime 0,
   owner `lar-gen`, mode 0444), so the same samples always give the same bytes;
 - `{shard}.parquet`: one row per input image: status ok / no_instances / failed, error text,
-  instance count, sample keys;
+  instance count, sample keys, perceptual hash, the image it duplicates;
 - `{shard}_stats.json`: counts per stage, drops per reason, durations; written last, it is the
   completion marker.
 
@@ -31,11 +31,12 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from dataengine.config import RunConfig
+from dataengine.dedup import HashedImage
 from dataengine.inputs import InputShard
-from dataengine.schema import SCHEMA_VERSION
+from dataengine.preview import PREVIEW_NAME
+from dataengine.schema import SCHEMA_VERSION, STATS_SUFFIX
 from dataengine.stages.base import FAILED, NO_INSTANCES, OK, ImageRecord
 
-STATS_SUFFIX = "_stats.json"
 TMP_PREFIX = "."
 TMP_SUFFIX = ".tmp"
 TAR_OWNER = "lar-gen"
@@ -53,6 +54,8 @@ PARQUET_SCHEMA = pa.schema(
         ("tags", pa.list_(pa.string())),
         ("instances", pa.int64()),
         ("keys", pa.list_(pa.string())),
+        ("phash", pa.string()),
+        ("duplicate_of", pa.string()),
     ]
 )
 
@@ -63,6 +66,8 @@ class ResumeError(RuntimeError):
 
 # The only names the writer creates in an output folder: committed files and their temporaries.
 OUTPUT_NAME = re.compile(r"^\.?\d{6}(\.tar|\.parquet|_stats\.json)(\.tmp)?$")
+# Also `python -m dataengine.preview OUT`'s contact sheet, beside the shards.
+KNOWN_NAME = re.compile(rf"^(\.?\d{{6}}(\.tar|\.parquet|_stats\.json)|\.?{re.escape(PREVIEW_NAME)})(\.tmp)?$")
 
 
 class OutputError(ValueError):
@@ -73,8 +78,9 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
     """Create the output folder if needed and check that mining into it loses nothing of the user's.
 
     A folder that already exists may hold only what a run writes (`000123.tar`, `.parquet`,
-    `_stats.json` and their `.tmp` temporaries): resume and `--overwrite` replace and remove such
-    names, so any other file means the folder is someone else's (photos, another dataset).
+    `_stats.json` and their `.tmp` temporaries) and the preview's `preview.html`: resume and
+    `--overwrite` replace and remove such names, so any other file means the folder is someone
+    else's (photos, another dataset).
 
     Returns:
         The folder.
@@ -93,7 +99,7 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
         raise OutputError(f"output {str(out)!r}: cannot create the folder: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"output {str(out)!r}: the folder is not writable")
-    foreign = sorted(p.name for p in out.iterdir() if not OUTPUT_NAME.match(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if not KNOWN_NAME.match(p.name))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise OutputError(
@@ -234,7 +240,27 @@ class QuadrupletWriter:
             rows["tags"].append(list(r.tags))
             rows["instances"].append(len(r.samples))
             rows["keys"].append([s["__key__"] for s in r.samples])
+            rows["phash"].append(r.phash or None)
+            rows["duplicate_of"].append(r.duplicate_of or None)
         return pa.table(rows, schema=PARQUET_SCHEMA)
+
+    def committed_hashes(self, shard: InputShard) -> list[HashedImage]:
+        """The dedup hashes of a committed shard's images, in shard order, from its parquet.
+
+        Raises:
+            ResumeError: the parquet is unreadable or lacks the hash columns.
+        """
+        path = self.path(shard, ".parquet")
+        try:
+            table = pq.read_table(path, columns=["index", "uri", "source_id", "phash"])
+        except (OSError, pa.ArrowException) as exc:
+            raise ResumeError(
+                f"{path}: cannot read the image hashes of a committed shard ({exc}); use a new --output or --overwrite"
+            ) from exc
+        rows = sorted(table.to_pylist(), key=lambda r: r["index"])
+        if [r["index"] for r in rows] != list(range(len(shard.items))):
+            raise ResumeError(f"{path}: does not hold one row per image of shard {shard.name}; use --overwrite")
+        return [HashedImage(r["uri"], r["source_id"] or "", r["phash"] or "") for r in rows]
 
 
 def shard_stats(shard: InputShard, records: Iterable[ImageRecord], cfg: RunConfig, config_hash: str) -> dict:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from training.config import TrainConfig
-from training.data import read_quadruplets
+from training.data import caption_of, read_quadruplets
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +59,18 @@ def run_validation(cfg: TrainConfig, pipe, device: torch.device) -> Image.Image 
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for q in quads:
+        caption = caption_of(q, cfg.data.caption)  # the caption the run trains on (`data.caption`)
         for mode in MODES:
             generator = torch.Generator(device=device).manual_seed(cfg.validation.seed)
             out = pipe(
                 image=q.source, mask_image=q.mask,
-                prompt=q.text if mode != "subject" else None,
+                prompt=caption if mode != "subject" else None,
                 subject_image=q.subject if mode != "text" else None,
                 beta=cfg.model.beta, guidance_scale=cfg.validation.guidance_scale,
                 num_inference_steps=cfg.validation.num_inference_steps, generator=generator,
                 resolution=cfg.data.resolution,
             ).images[0]
-            rows.append([_cell(q.source, q.text[:24]), _cell(q.mask), _cell(q.subject), _cell(out, mode)])
+            rows.append([_cell(q.source, caption[:24]), _cell(q.mask), _cell(q.subject), _cell(out, mode)])
     return validation_grid(rows)
 
 

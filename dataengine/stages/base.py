@@ -45,9 +45,11 @@ class Instance:
     box_score: float
     text_score: float
     mask: np.ndarray | None = None  # bool (H, W), same size as the source
-    mask_score: float = 0.0
+    mask_score: float = 0.0  # SAM's predicted IoU
+    mask_stability: float = 0.0  # SAM's stability score (IoU of the mask at logit +/- offset)
     subject: np.ndarray | None = None  # RGBA uint8 crop: box with margin, alpha = mask
-    caption: str = ""
+    caption: str = ""  # regional caption ("" in caption.mode global)
+    clip_score: float | None = None  # CLIP cosine of the regional caption and the crop
 
 
 @dataclass
@@ -60,6 +62,9 @@ class ImageRecord:
     source_id: str = ""
     image: np.ndarray | None = None  # RGB uint8 (H, W, 3): the stored source
     size: tuple[int, int] | None = None  # (height, width) of the stored source
+    phash: str = ""  # perceptual hash (16 hex digits) of the stored source, for near-duplicate detection
+    duplicate_of: str = ""  # source_id of the earlier image (input order) this one duplicates
+    global_caption: str = ""  # whole-image caption (caption.mode global / both)
     status: str = PENDING
     error: str = ""
     tags: list[str] = field(default_factory=list)
@@ -117,6 +122,7 @@ class Stage:
         resources = self.resources(cfg)
         self.batch_size = resources.batch_size if resources is not None else self.default_batch_size
         self.device = pick_device()
+        self.dtype = pick_dtype(cfg.pipeline.engine.dtype, self.device)
         self.seed = cfg.pipeline.engine.seed
 
     @classmethod
@@ -173,6 +179,26 @@ def _describe(exc: BaseException) -> str:
 def pick_device() -> str:
     """`cuda` when this process can see a GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else `cpu`."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """`engine.dtype` as a torch dtype: "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def to_model(inputs, device: str, dtype: torch.dtype):
+    """Processor outputs (a dict of tensors, or one tensor) on `device`, floating ones cast to `dtype`.
+
+    Ids and masks keep their integer types; pixels, boxes and the like take the model's dtype.
+    """
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            inputs[key] = to_model(value, device, dtype)
+    return inputs
 
 
 class StageChain:

@@ -4,6 +4,12 @@ The instance crop (its box with the subject margin, RGB) goes to LLaVA with the 
 `caption.prompt`, which names the instance's tag; generation is greedy (deterministic) and batched
 over the instances of a chunk. Captions that are empty, shorter than `min_words` words, or one word
 repeated are dropped and counted (`caption_empty`, `caption_too_short`, `caption_degenerate`).
+
+`caption.mode` picks what is captioned: `regional` (above, the paper's data), `global` (the whole
+image with `caption.global_prompt`, once per image: the paper's Table 2 baseline, where the text
+describes the scene rather than the object), or `both` (both, in the same batched generate call,
+so one mining run serves both training variants). An unusable global caption drops every instance
+of its image, counted under the caption's reason.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from PIL import Image
 
 from dataengine.config import Resources, RunConfig
 from dataengine.models import load_captioner
-from dataengine.stages.base import ImageRecord, Stage
+from dataengine.stages.base import ImageRecord, Instance, Stage, to_model
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -49,7 +55,7 @@ class CaptionStage(Stage):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.ccfg = cfg.pipeline.caption
-        self.model, self.processor = load_captioner(cfg.profile.captioner, device=self.device)
+        self.model, self.processor = load_captioner(cfg.profile.captioner, device=self.device, dtype=self.dtype)
         # Batched generation needs the prompt right-aligned, the new tokens after it.
         self.processor.tokenizer.padding_side = "left"
 
@@ -58,36 +64,52 @@ class CaptionStage(Stage):
 
     def prompt(self, tag: str) -> str:
         """The chat-formatted prompt for one instance."""
-        conversation = [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": self.ccfg.prompt.format(tag=tag)}],
-            }
-        ]
+        return self.chat(self.ccfg.prompt.format(tag=tag))
+
+    def chat(self, text: str) -> str:
+        """`text` as a chat-formatted user turn about one image, ready for generation."""
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
     def process(self, records: Sequence[ImageRecord]) -> None:
-        jobs = [(record, inst) for record in records for inst in record.instances]
-        images = [Image.fromarray(inst.subject[..., :3]) for _, inst in jobs]
-        texts = [self.prompt(inst.tag) for _, inst in jobs]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
-        generated = self.model.generate(
-            **inputs,
-            max_new_tokens=self.ccfg.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.processor.tokenizer.pad_token_id,
-        )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        captions = [clean_caption(t) for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
-        by_record: dict[int, list[str]] = {}
-        for (record, _), caption in zip(jobs, captions):
-            by_record.setdefault(id(record), []).append(caption)
+        mode = self.ccfg.mode
+        # One generate call for the chunk: instance crops (regional) and whole images (global).
+        jobs: list[tuple[ImageRecord, Instance | None]] = []
+        images: list[Image.Image] = []
+        texts: list[str] = []
         for record in records:
+            if mode in ("global", "both"):
+                jobs.append((record, None))
+                images.append(Image.fromarray(record.image))
+                texts.append(self.chat(self.ccfg.global_prompt))
+            if mode in ("regional", "both"):
+                for inst in record.instances:
+                    jobs.append((record, inst))
+                    images.append(Image.fromarray(inst.subject[..., :3]))
+                    texts.append(self.prompt(inst.tag))
+        captions = self.generate(images, texts)
+        regional: dict[int, str] = {}
+        global_captions: dict[int, str] = {}
+        for (record, inst), caption in zip(jobs, captions):
+            if inst is None:
+                global_captions[id(record)] = caption
+            else:
+                regional[id(inst)] = caption
+        for record in records:
+            if id(record) in global_captions:
+                problem = caption_problem(global_captions[id(record)], self.ccfg.min_words)
+                if problem is not None:
+                    record.drops[problem] += len(record.instances)
+                    record.counts[self.name] = 0
+                    record.finish("no_usable_caption", f"caption: the global caption is unusable ({problem})")
+                    continue
+                record.global_caption = global_captions[id(record)]
             kept = []
-            for inst, caption in zip(record.instances, by_record.get(id(record), [])):
-                problem = caption_problem(caption, self.ccfg.min_words)
+            for inst in record.instances:
+                caption = regional.get(id(inst))
+                problem = None if caption is None else caption_problem(caption, self.ccfg.min_words)
                 if problem is None:
-                    inst.caption = caption
+                    inst.caption = caption or ""
                     kept.append(inst)
                 else:
                     record.drops[problem] += 1
@@ -95,3 +117,15 @@ class CaptionStage(Stage):
             record.counts[self.name] = len(kept)
             if not kept:
                 record.finish("no_usable_caption", "caption: every caption was empty or degenerate")
+
+    def generate(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[str]:
+        """Greedy LLaVA captions, one per (image, chat prompt) pair, cleaned to one line."""
+        inputs = to_model(self.processor(images=images, text=texts, return_tensors="pt", padding=True), self.device, self.dtype)
+        generated = self.model.generate(
+            **inputs,
+            max_new_tokens=self.ccfg.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        return [clean_caption(t) for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -19,12 +19,15 @@ from dataengine.stages.base import OK, PENDING, ImageRecord, Stage
 def model_ids(cfg: RunConfig) -> dict[str, str]:
     """The checkpoints that made a sample, by role (written into every sample's json)."""
     profile = cfg.profile
-    return {
+    models = {
         "tagger": profile.tagger,
         "grounding": profile.grounding,
         "segmenter": profile.segmenter,
         "captioner": profile.captioner,
     }
+    if cfg.pipeline.caption.mode != "global":  # the caption <-> crop agreement filter ran
+        models["clip"] = profile.clip
+    return models
 
 
 class EncodeStage(Stage):
@@ -59,6 +62,9 @@ class EncodeStage(Stage):
         samples = []
         for number, inst in enumerate(record.instances):
             key = sample_key(record.source_id, number)
+            captions = {"regional": inst.caption} if inst.caption else {}
+            if record.global_caption:
+                captions["global"] = record.global_caption
             meta = SampleMeta(
                 source_id=record.source_id,
                 instance=number,
@@ -74,13 +80,16 @@ class EncodeStage(Stage):
                 models=self.models,
                 pipeline=self.cfg.pipeline_name,
                 config_hash=self.config_hash,
+                mask_stability=inst.mask_stability,
+                clip_score=inst.clip_score,
+                captions=captions,
             )
             quad = Quadruplet(
                 key=key,
                 source=source,
                 mask=Image.fromarray(inst.mask.astype("uint8") * 255),
                 subject=Image.fromarray(inst.subject),
-                text=inst.caption,
+                text=inst.caption or record.global_caption,  # the regional caption when there is one
                 meta=meta,
             )
             samples.append(encode_sample(quad, jpeg_quality=self.jpeg_quality))

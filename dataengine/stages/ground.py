@@ -19,7 +19,7 @@ from transformers.image_transforms import center_to_corners_format
 
 from dataengine.config import Resources, RunConfig
 from dataengine.models import load_grounding
-from dataengine.stages.base import ImageRecord, Instance, Stage
+from dataengine.stages.base import ImageRecord, Instance, Stage, to_model
 
 # Grounding DINO splits phrases on bert-base-uncased special ids: [CLS], [SEP], [PAD], ".", "?".
 SEPARATOR_IDS = {101, 102, 0, 1012, 1029}
@@ -72,7 +72,7 @@ class GroundStage(Stage):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.gcfg = cfg.pipeline.ground
-        self.model, self.processor = load_grounding(cfg.profile.grounding, device=self.device)
+        self.model, self.processor = load_grounding(cfg.profile.grounding, device=self.device, dtype=self.dtype)
         self.max_text_len = int(self.model.config.max_text_len)
 
     def wants(self, record: ImageRecord) -> bool:
@@ -81,10 +81,10 @@ class GroundStage(Stage):
     def process(self, records: Sequence[ImageRecord]) -> None:
         images = [Image.fromarray(r.image) for r in records]
         texts = [" . ".join(r.tags) + " ." for r in records]
-        inputs = self.processor(
+        inputs = to_model(self.processor(
             images=images, text=texts, return_tensors="pt", padding=True, truncation=True,
             max_length=self.max_text_len,
-        ).to(self.device)
+        ), self.device, self.dtype)
         outputs = self.model(**inputs)
         probs = outputs.logits.sigmoid().float().cpu()  # (B, queries, max_text_len); -inf past the text
         boxes = center_to_corners_format(outputs.pred_boxes.float().cpu())

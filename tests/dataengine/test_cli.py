@@ -7,11 +7,9 @@ traceback would show. Images that fail to decode are not errors (test_engine.py 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -208,31 +206,3 @@ def test_sample_images_command(tmp_path: Path, capsys):
     assert info.value.code == 2
     assert "error: the following arguments are required: COMMAND" in capsys.readouterr().err
 
-
-# Ray's own log lines (python `2026-01-01 10:00:00,000\tWARNING ...`, C++ `[2026-01-01 10:00:00,000 E ...]`).
-RAY_LOG_LINE = r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
-
-
-@pytest.mark.ray
-def test_a_healthy_run_prints_no_ray_noise_and_set_indexes_lists(repo_root: Path, tiny_zoo: Path, images: Path, tmp_path):
-    import re
-
-    # A `ray start` that is gone left its address behind: the embedded Ray must not try to join it.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix sockets live under it
-    (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-    env = {**os.environ, "LARGEN_RAY_NUM_CPUS": "2", "RAY_TMPDIR": str(ray_tmp)}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # as in a fresh shell: the embedded Ray's own defaults
-        env.pop(key, None)
-    out = tmp_path / "mined"
-    cmd = [sys.executable, "dataengine/run.py", "--config", "pipelines.yaml", "--pipeline", "sample", "--profile", "tiny",
-           "--input", str(images), "--output", str(out), "--no-progress", "--set", "inputs.0.images_per_shard=3"]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 shard(s) written" in proc.stdout  # 6 photos, 3 per shard
-    assert sorted(p.name for p in out.glob("*_stats.json")) == ["000000_stats.json", "000001_stats.json"]
-    noise = [line for line in proc.stderr.splitlines() if re.match(RAY_LOG_LINE, line) or "ray_remote_args" in line]
-    assert not noise, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The engine end to end: the sample pipeline on Ray, a malformed-input corpus, and kill -9 then resume."""
+"""The engine end to end: the sample pipeline on Ray (from the command line), a malformed-input corpus, and kill -9 then resume."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,13 +43,37 @@ def rows(folder: Path) -> list[dict]:
     return [r for p in sorted(folder.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
 
 
+# Ray's own log lines (python `2026-01-01 10:00:00,000\tWARNING ...`, C++ `[2026-01-01 10:00:00,000 E ...]`).
+RAY_LOG_LINE = r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+
+
 @pytest.mark.ray
-def test_sample_pipeline_on_ray(sample_cfg, reference_run, ray_local, tmp_path):
+def test_sample_pipeline_on_ray_from_the_command_line(repo_root, sample_images, reference_run, sample_cfg, tmp_path):
+    """`dataengine/run.py` on its own embedded Ray: the plain loop's bytes, quiet, and every reader reads them."""
+    import re
+
+    # A `ray start` that is gone left its address behind: the embedded Ray must not try to join it.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix sockets live under it
+    (ray_tmp / "ray").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{s.getsockname()[1]}")
+    env = {**os.environ, "LARGEN_RAY_NUM_CPUS": "2", "RAY_TMPDIR": str(ray_tmp)}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # as in a fresh shell: the embedded Ray's own defaults
+        env.pop(key, None)
     out = tmp_path / "mined"
-    summary = mine(sample_cfg, out, backend="ray", progress=False)
-    assert summary.shards_written == 3 and summary.status["ok"] == 6 and summary.samples > 0
-    table = summary.table()
-    assert "caption" in table and "over_max_instances" in table
+    cmd = [sys.executable, "dataengine/run.py", "--config", "pipelines.yaml", "--pipeline", "sample", "--profile", "tiny",
+           "--input", str(sample_images), "--output", str(out), "--no-progress",
+           "--set", "inputs.0.images_per_shard=2"]  # a list index in --set  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 shard(s) written" in proc.stdout  # 6 photos, 2 per shard
+    assert "caption" in proc.stdout and "over_max_instances" in proc.stdout  # the summary table
+    noise = [line for line in proc.stderr.splitlines() if re.match(RAY_LOG_LINE, line) or "ray_remote_args" in line]
+    assert not noise, proc.stderr[-3000:]
 
     # Byte-identical to the plain in-process loop (same stage objects, same per-shard batches).
     for ref in sorted(reference_run.iterdir()):
@@ -56,7 +83,7 @@ def test_sample_pipeline_on_ray(sample_cfg, reference_run, ray_local, tmp_path):
     # Every image yields samples; webdataset reads them; modes survive.
     assert {r["status"] for r in rows(out)} == {"ok"}
     samples = read_samples(out)
-    assert len(samples) == summary.samples
+    assert len(samples) == sum(json.loads(p.read_text())["samples"] for p in out.glob("*_stats.json")) > 0
     for key, fields in samples.items():
         assert KEY_PATTERN.match(key)
         assert Image.open(io.BytesIO(fields["mask.png"])).mode == "L"
@@ -74,7 +101,7 @@ def test_sample_pipeline_on_ray(sample_cfg, reference_run, ray_local, tmp_path):
         "webdataset", data_files={"train": [str(p) for p in sorted(out.glob("*.tar"))]}, split="train",
         cache_dir=str(tmp_path / "hf-cache"),
     )
-    assert ds.num_rows == summary.samples
+    assert ds.num_rows == len(samples)
     assert {"source.jpg", "mask.png", "subject.png", "txt", "json"} <= set(ds.column_names)
     assert ds[0]["mask.png"].mode == "L" and ds[0]["subject.png"].mode == "RGBA"
 
@@ -109,6 +136,8 @@ def test_malformed_inputs_get_one_row_each_and_the_run_goes_on(repo_root, tiny_z
             "--config", str(repo_root / "pipelines.yaml"), "--pipeline", "sample", "--profile", "tiny",
             "--input", str(corpus), "--output", str(out), "--backend", "local", "--no-progress",
             "--set", "limits.max_pixels=40000", "--set", "output.max_side=1024",
+            # The upright twin is a near duplicate of exif_rotated.jpg (same pixels): mined both, to compare.
+            "--set", "dedup.enabled=false",
         ]
     )  # fmt: skip
     assert code == 0

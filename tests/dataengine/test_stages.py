@@ -12,14 +12,15 @@ from dataengine.inputs import plan_shards
 from dataengine.stages.base import FAILED, OK, PENDING, Instance, Stage, StageChain, make_batch
 from dataengine.stages.caption import CaptionStage, caption_problem
 from dataengine.stages.encode import EncodeStage
-from dataengine.stages.filter import FilterStage
+from dataengine.stages.filter import AgreementStage, FilterStage
 from dataengine.stages.ground import GroundStage, nms, phrase_spans
 from dataengine.stages.read import ReadStage
 from dataengine.stages.segment import SegmentStage
 from dataengine.stages.subject import SubjectStage, crop_box
 from dataengine.stages.tag import TagStage
 
-ORDER = [ReadStage, TagStage, GroundStage, SegmentStage, FilterStage, SubjectStage, CaptionStage, EncodeStage]
+ORDER = [ReadStage, TagStage, GroundStage, SegmentStage, FilterStage, SubjectStage, CaptionStage, AgreementStage,
+         EncodeStage]  # fmt: skip
 
 
 def view(records) -> list:
@@ -34,8 +35,9 @@ def view(records) -> list:
             (
                 r.index, r.source_id, r.status, r.error, arr(r.image), r.size, tuple(r.tags), dict(r.drops),
                 dict(r.counts), [s for s in r.samples],
-                [(i.tag, i.box, i.box_score, i.text_score, arr(i.mask), i.mask_score, arr(i.subject), i.caption)
-                 for i in r.instances],
+                [(i.tag, i.box, i.box_score, i.text_score, arr(i.mask), i.mask_score, i.mask_stability,
+                  arr(i.subject), i.caption, i.clip_score) for i in r.instances],
+                r.phash, r.duplicate_of, r.global_caption,
             )
         )  # fmt: skip
     return out
@@ -183,10 +185,26 @@ def test_caption_problems(text, problem):
     assert caption_problem("dog", min_words=2) == "caption_too_short"
 
 
-def test_ram_backend_without_package_is_a_clear_error(sample_cfg):
-    from dataengine.stages.tag import TagBackendError
+def test_every_model_stage_runs_in_bfloat16(sample_cfg, shard):
+    """`engine.dtype` (auto: bfloat16 on CUDA): every model and its floating inputs take the dtype.
 
+    Run here on CPU, where torch has bfloat16 kernels too: each stage loads its model in bfloat16,
+    casts its processor's floating outputs to match, and the shard still mines into samples.
+    """
+    import torch
+
+    from dataengine.stages.base import pick_dtype
+
+    assert pick_dtype("auto", "cuda") == torch.bfloat16 and pick_dtype("auto", "cpu") == torch.float32
     cfg = sample_cfg.model_copy(deep=True)
-    cfg.pipeline.tag = cfg.pipeline.tag.model_copy(update={"backend": "ram"})
-    with pytest.raises(TagBackendError, match="recognize-anything package is not installed"):
-        TagStage(cfg)
+    cfg.pipeline.engine = cfg.pipeline.engine.model_copy(update={"dtype": "bfloat16"})
+    batch = make_batch(shard.index, new_records(shard))
+    for cls in ORDER:
+        stage = cls(cfg)
+        for model in (getattr(stage, "model", None), getattr(getattr(stage, "tagger", None), "model", None)):
+            if isinstance(model, torch.nn.Module):
+                assert next(model.parameters()).dtype == torch.bfloat16, cls.name
+        batch = stage(batch)
+    records = batch["records"][0]
+    assert all(r.status == OK for r in records), [(r.status, r.error) for r in records]
+    assert all(r.samples for r in records)
