@@ -35,10 +35,11 @@ def zoo_dir() -> Path:
 def all_builders() -> dict[str, tuple[str, Callable[[Path], None]]]:
     """name -> (recipe version, builder) over every package that ships tiny recipes."""
     from dataengine import tiny_models as de_tiny
+    from evaluation import tiny_models as eval_tiny
     from inference import tiny_models as inf_tiny
 
     builders: dict[str, tuple[str, Callable[[Path], None]]] = {}
-    for module in (de_tiny, inf_tiny):
+    for module in (de_tiny, inf_tiny, eval_tiny):
         for name, fn in module.BUILDERS.items():
             if name in builders:
                 raise RuntimeError(f"tiny model {name!r} is defined twice")
