@@ -1,6 +1,7 @@
 """Trainer benchmarks (CPU, tiny zoo): loader throughput, step-time overhead, and the long "it learns" check.
 
-    python benchmarks/bench_train.py loader   # samples/s at 512 px, 2 workers, vs raw tar read + JPEG decode
+    python benchmarks/bench_train.py loader   # samples/s at 512 px, 2 workers, vs raw tar read + JPEG decode,
+                                              # on 512² / 2048x1536 / 4000x3000 sources (--sets, --samples)
     python benchmarks/bench_train.py step     # trainer step vs a bare diffusers UNet forward+backward
     python benchmarks/bench_train.py learn    # training/learning_check.py, stage 1 + stage 2, over 5 seeds
     python benchmarks/bench_train.py all
@@ -47,24 +48,45 @@ def _loader_rate(cfg, builder, samples: int) -> float:
     return batches * cfg.batch_size / (time.perf_counter() - t0)
 
 
-def _per_sample_cpu_ms(shard: str, builder, limit: int = 64) -> dict:
-    """CPU ms per sample of decode_sample + the builder in this process (robust to other jobs), and a profile split."""
+# Loader steps: (functions whose cumulative profile time counts, functions inside those whose time
+# belongs to another step): the lazy decode, then the source decoded inside `crop_resize`.
+LOADER_STEPS = {
+    "decode": (("training/data.py:decode_lazily", "training/data.py:load_source"), ()),
+    "crop": (("inference/zoom.py:crop_resize", "training/data.py:crop_mask"), ("training/data.py:load_source",)),
+    "mask_aug": (("training/data.py:augment_mask",), ()),
+    "subject": (("inference/subject.py:prepare_subject",), ()),
+    "tokenise": (("training/data.py:tokenize",), ()),
+}
+
+
+def _per_sample_cpu_ms(shards: list[str], builder, limit: int = 32) -> dict:
+    """CPU ms per sample of the per-sample work (decode + builder) in this process, split by loader step.
+
+    Process CPU time, so other jobs on the machine hardly move it; the split comes from a cProfile
+    run (cumulative time of each step's functions), scaled to the unprofiled total; the tar read
+    and the collation of batches of 8 are timed on their own.
+    """
     import cProfile
     import pstats
     import random
 
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    from dataengine.schema import decode_sample
+    import training.data as loader_module
 
-    with open(shard, "rb") as stream:
-        raws = list(itertools.islice(group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])), limit))
-
+    raws: list = []
+    c0 = time.process_time()
+    for shard in shards:
+        with open(shard, "rb") as stream:
+            raws += list(itertools.islice(group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])),
+                                          limit - len(raws)))
+        if len(raws) >= limit:
+            break
+    read = (time.process_time() - c0) * 1000 / len(raws)  # the tar read, which the loader does too
     def run():
-        for i, raw in enumerate(raws):
-            builder(decode_sample(raw), random.Random(i))
+        return [builder(loader_module.decode_lazily(raw), random.Random(i)) for i, raw in enumerate(raws)]
 
-    run()  # warm-up
+    examples = run()  # warm-up
     t0 = time.process_time()
     run()
     total = (time.process_time() - t0) * 1000 / len(raws)
@@ -77,25 +99,23 @@ def _per_sample_cpu_ms(shard: str, builder, limit: int = 64) -> dict:
     def cum(name_part: str) -> float:
         return sum(v[3] for k, v in stats.items() if name_part in f"{k[0]}:{k[2]}") * 1000 / len(raws)
 
-    profiled = cum("training/data.py:__call__") + cum("dataengine/schema.py:decode_sample")
-    # Shares of the profiled time (the profiler's overhead inflates it), scaled to the unprofiled total.
-    parts = {
-        "decode_sample (3 images + format checks)": cum("dataengine/schema.py:decode_sample"),
-        "prepare_subject": cum("inference/subject.py:prepare_subject"),
-        "zoom crop + resize (cv2)": cum("training/data.py:_resize_rgb") + cum("training/data.py:_crop_array")
-        + cum("~:<built-in method cv2.resize>"),
-        "augment_mask": cum("training/data.py:augment_mask"),
-        "tokenize": cum("training/data.py:tokenize"),
-    }
-    return {"cpu_ms_per_sample": round(total, 2),
-            "split_ms": {k: round(v / profiled * total, 2) for k, v in parts.items()}}
+    profiled = cum("training/data.py:__call__") + cum("training/data.py:decode_lazily")
+    split = {step: round((sum(map(cum, names)) - sum(map(cum, inner))) / profiled * total, 2)
+             for step, (names, inner) in LOADER_STEPS.items()}
+    batches = [examples[i:i + 8] for i in range(0, len(examples) - 7, 8)]
+    t0 = time.process_time()
+    for batch in batches:
+        loader_module.collate(batch)
+    split["collate"] = round((time.process_time() - t0) * 1000 / max(1, 8 * len(batches)), 3)
+    split["read"] = round(read, 2)
+    return {"cpu_ms_per_sample": round(total + split["collate"] + read, 2), "split_ms": split}
 
 
-def _raw_rate(shards: list[str]) -> float:
-    """Samples/s of one process reading every member of the tars and decoding each source JPEG."""
+def _raw_rate(shards: list[str]) -> tuple[float, float]:
+    """(samples/s, CPU ms per sample) of one process reading every member of the tars and fully decoding each source JPEG."""
     import io
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n_raw = 0
     for path in shards:
         with tarfile.open(path) as tar:
@@ -104,43 +124,127 @@ def _raw_rate(shards: list[str]) -> float:
                 if member.name.endswith(".source.jpg"):
                     Image.open(io.BytesIO(data)).load()
                     n_raw += 1
-    return n_raw / (time.perf_counter() - t0)
+    return n_raw / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / n_raw
 
 
-def bench_loader(samples: int = 256, workers: int = 2, resolution: int = 512) -> dict:
+def write_photo_shards(out_dir, width: int, height: int, sources: int = 4, instances: int = 8, seed: int = 0) -> list[str]:
+    """Format-v1 shards of camera-photo-sized sources, one shard per source, `instances` samples each.
+
+    The sources are scikit-image photos enlarged to `width` x `height` with sensor-like pixel noise
+    (sigma 4), saved as the engine saves them (JPEG q95, 4:4:4): megabytes per source, so that
+    decoding costs what it costs on real mined photos. Each instance is an ellipse whose box covers
+    1-60 % of the image (log-uniform: the engine's default box filter keeps 1-80 %), with the
+    engine's RGBA subject crop (box + 10 % margin, alpha = mask).
+    """
+    import math
+    import random
+
+    import cv2
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image, ImageDraw
+    from skimage import data as skdata
+
+    from dataengine.schema import Quadruplet, SampleMeta, encode_sample, sample_key, source_id_from_bytes
+
+    photos = [skdata.coffee, skdata.astronaut, skdata.chelsea, skdata.rocket]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = random.Random(f"photo-shards:{seed}")
+    for s in range(sources):
+        photo = cv2.resize(photos[s % len(photos)](), (width, height), interpolation=cv2.INTER_CUBIC)
+        noise = np.random.default_rng(seed * 1000 + s).normal(0, 4, (height, width, 1)).astype(np.float32)
+        source = Image.fromarray(np.clip(photo + noise, 0, 255).astype(np.uint8))
+        source_id = source_id_from_bytes(source.tobytes()[:1 << 20] + f"{width}x{height}:{s}".encode())
+        path = out / f"photo-{width}x{height}-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(instances):
+                frac = math.exp(rng.uniform(math.log(0.01), math.log(0.6)))
+                bw = max(8, round(math.sqrt(frac) * width))
+                bh = max(8, round(math.sqrt(frac) * height))
+                x0, y0 = rng.randint(0, width - bw), rng.randint(0, height - bh)
+                box = (x0, y0, x0 + bw, y0 + bh)
+                mask = Image.new("L", (width, height), 0)
+                ImageDraw.Draw(mask).ellipse([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=255)
+                mx, my = bw // 10, bh // 10
+                crop = (max(0, x0 - mx), max(0, y0 - my), min(width, box[2] + mx), min(height, box[3] + my))
+                subject = source.crop(crop).convert("RGBA")
+                subject.putalpha(mask.crop(crop))
+                meta = SampleMeta(
+                    source_id=source_id, instance=i, uri=f"synthetic://photo/{width}x{height}/{s}", width=width,
+                    height=height, tag="object", box_xyxy=[float(v) for v in box], box_score=1.0, text_score=1.0,
+                    mask_score=1.0, mask_area_frac=float(np.asarray(mask, dtype=bool).mean()),
+                    models={"generator": "benchmarks/bench_train.py"}, pipeline="benchmark", config_hash="benchmark",
+                )
+                sink.write(encode_sample(Quadruplet(key=sample_key(source_id, i), source=source, mask=mask,
+                                                    subject=subject, text="a photo of an object", meta=meta)))
+        paths.append(str(path))
+    return paths
+
+
+SOURCE_SETS = ("512", "2048x1536", "4000x3000")
+
+
+def _source_shards(tmp: str, name: str, samples: int, resolution: int) -> list[str]:
+    """The shards of one benchmark source set: synthetic `resolution`² scenes ("512") or photo-sized JPEGs."""
+    from training.synthetic import write_synthetic_shards
+
+    if name == "512":
+        return write_synthetic_shards(Path(tmp) / name, num_shards=4, samples_per_shard=samples // 4, size=resolution)
+    width, height = (int(v) for v in name.split("x"))
+    return write_photo_shards(Path(tmp) / name, width, height)
+
+
+def bench_loader(samples: int = 256, workers: int = 2, resolution: int = 512, sets: tuple[str, ...] = SOURCE_SETS) -> dict:
     """Loader samples/s (decode + zoom crop + mask aug + subject prep + tokenise) vs raw tar read + JPEG decode.
 
-    Measured in one run, so the ratios hold even when other jobs share the cores: the stage-1
-    loader (no RefineNet subject input), the stage-2 loader (with it), and the raw read; plus the
-    CPU time per sample of the per-sample work in one process.
+    Per source set (synthetic 512² scenes, and 2048x1536 / 4000x3000 photo-sized JPEGs), measured in
+    one run, so the ratios hold even when other jobs share the cores: the stage-1 loader (no
+    RefineNet subject input), the stage-2 loader (with it), and the raw read (every tar member,
+    full decode of each source JPEG); plus the CPU time per sample of the per-sample work in one
+    process, split by step.
     """
     from transformers import CLIPTokenizer
 
     from training.config import DataConfig
     from training.data import TrainingExampleBuilder
-    from training.synthetic import write_synthetic_shards
 
     tokenizer = CLIPTokenizer.from_pretrained(zoo() / "sd-inpainting", subfolder="tokenizer")
-    result = {"benchmark": "loader", "resolution": resolution, "workers": workers, "cpus": os.cpu_count()}
+    result = {"benchmark": "loader", "resolution": resolution, "workers": workers, "cpus": os.cpu_count(),
+              "samples": samples, "sets": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = write_synthetic_shards(tmp, num_shards=4, samples_per_shard=samples // 4, size=resolution)
-        cfg = DataConfig.model_validate({"shards": shards, "resolution": resolution, "batch_size": 8,
-                                         "num_workers": workers, "resampled": True, "shuffle_buffer": 64})
-        for stage in (1, 2):
-            # The raw rate right before each loader, so that each ratio compares figures taken under
-            # the same load from other jobs.
-            raw_rate = _raw_rate(shards)
-            builder = TrainingExampleBuilder(cfg, tokenizer, clip_size=224, refine_size=resolution, refine=stage == 2)
-            rate = _loader_rate(cfg, builder, samples)
-            result[f"stage{stage}_raw_tar_jpeg_samples_per_s"] = round(raw_rate, 1)
-            result[f"stage{stage}_loader_samples_per_s"] = round(rate, 1)
-            result[f"stage{stage}_ratio"] = round(rate / raw_rate, 3)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as in a DataLoader worker
-            try:
-                result[f"stage{stage}_per_sample"] = _per_sample_cpu_ms(shards[0], builder)
-            finally:
-                torch.set_num_threads(threads)
+        for name in sets:
+            shards = _source_shards(tmp, name, samples, resolution)
+            cfg = DataConfig.model_validate({"shards": shards, "resolution": resolution, "batch_size": 8,
+                                             "num_workers": workers, "resampled": True, "shuffle_buffer": 64})
+            figures: dict = {}
+            for stage in (1, 2):
+                # The raw rate right before each loader, so that each ratio compares figures taken under
+                # the same load from other jobs.
+                raw_rate, raw_cpu_ms = _raw_rate(shards)
+                builder = TrainingExampleBuilder(cfg, tokenizer, clip_size=224, refine_size=resolution,
+                                                 refine=stage == 2)
+                rate = _loader_rate(cfg, builder, samples)
+                figures[f"stage{stage}_raw_tar_jpeg_samples_per_s"] = round(raw_rate, 1)
+                figures[f"stage{stage}_loader_samples_per_s"] = round(rate, 1)
+                figures[f"stage{stage}_ratio"] = round(rate / raw_rate, 3)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # as in a DataLoader worker
+                try:
+                    per_sample = _per_sample_cpu_ms(shards, builder)
+                finally:
+                    torch.set_num_threads(threads)
+                figures[f"stage{stage}_per_sample"] = per_sample
+                # The same comparison in CPU time, which other jobs on the machine hardly move: the
+                # loader on `workers` free cores (tar read + per-sample work + collation)
+                # against the raw read + full decode on one.
+                figures[f"stage{stage}_raw_cpu_ms_per_sample"] = round(raw_cpu_ms, 2)
+                figures[f"stage{stage}_cpu_bound_samples_per_s"] = round(
+                    workers * 1000 / per_sample["cpu_ms_per_sample"], 1)
+                figures[f"stage{stage}_cpu_ratio"] = round(workers * raw_cpu_ms / per_sample["cpu_ms_per_sample"], 3)
+            result["sets"][name] = figures
+            print(json.dumps({"set": name, **figures}), file=sys.stderr, flush=True)
     return result
 
 
@@ -265,13 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("which", choices=["loader", "step", "learn", "all"])
     parser.add_argument("--learn-steps", type=positive, default=None, help="stage-1 steps of the learn check (default: the test's)")
     parser.add_argument("--refine-steps", type=positive, default=None, help="stage-2 steps of the learn check (default: the test's)")
+    parser.add_argument("--sets", default=",".join(SOURCE_SETS),
+                        help=f"loader: comma-separated source sets among {', '.join(SOURCE_SETS)} (default: all)")
+    parser.add_argument("--samples", type=positive, default=256, help="loader: samples timed per loader run")
     parser.add_argument("--seeds", type=positive, default=5, help="learn: seeds 0..N-1")
     parser.add_argument("--work", default=None, help="keep the learn check's files here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; the test uses 1)")
     args = parser.parse_args(argv)
+    sets = tuple(v for v in args.sets.split(",") if v)
+    unknown = [v for v in sets if v not in SOURCE_SETS]
+    if unknown or not sets:
+        parser.error(f"--sets: unknown source set {', '.join(unknown) or '(none given)'}; choose from {', '.join(SOURCE_SETS)}")
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     if args.which in ("loader", "all"):
-        print(json.dumps(bench_loader()), flush=True)
+        print(json.dumps(bench_loader(samples=args.samples, sets=sets)), flush=True)
     if args.which in ("step", "all"):
         print(json.dumps(bench_step()), flush=True)
     if args.which in ("learn", "all"):

@@ -1,6 +1,7 @@
 """Zoom-in (paper 6.2): a square crop around the mask's box, and the paste-back that keeps the rest exact.
 
-`zoom_box` + `crop_with_padding` are shared with the trainer's zoom-in augmentation. The
+`zoom_box` and `crop_resize` (the square crop at the model resolution) are shared with the
+trainer's zoom-in augmentation, so a crop is the same pixels at training and at inference. The
 pipeline crops, resizes to the model resolution, inpaints, and `paste_back` blends the result into
 the original through a feathered edge that lies inside a dilated mask: every pixel outside the
 dilated mask comes back bit-identical to the input.
@@ -9,8 +10,9 @@ dilated mask comes back bit-identical to the input.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
@@ -70,6 +72,92 @@ def crop_with_padding(image: Image.Image, box: Sequence[int], fill=0) -> Image.I
     canvas = Image.new(image.mode, (x1 - x0, y1 - y0), fill)
     canvas.paste(image.crop((max(x0, 0), max(y0, 0), min(x1, image.width), min(y1, image.height))), (max(-x0, 0), max(-y0, 0)))
     return canvas
+
+
+def crop_array(arr: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """`crop_with_padding` on an HxW(xC) array: the parts of `box` outside it are 0 (a view when inside)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = arr.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return arr[y0:y1, x0:x1]  # a view: nothing is copied before the resize
+    out = np.zeros((y1 - y0, x1 - x0, *arr.shape[2:]), dtype=arr.dtype)
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if ix1 > ix0 and iy1 > iy0:
+        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = arr[iy0:iy1, ix0:ix1]
+    return out
+
+
+def resize_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """Square uint8 HxWx3 -> size x size: area averaging when shrinking (anti-aliased), bilinear when enlarging.
+
+    OpenCV rather than PIL: several times faster, which the training loader needs on its CPUs.
+    """
+    if arr.shape[0] == size and arr.shape[1] == size:
+        return arr
+    interpolation = cv2.INTER_AREA if arr.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(arr, (size, size), interpolation=interpolation)
+
+
+REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at (1/8, 1/4, 1/2 of each side)
+
+
+def reduction(side: int, size: int) -> int:
+    """The largest power-of-two reduction (8, 4, 2 or 1) of a `side`-px crop that leaves it at least `size` px."""
+    return next((s for s in REDUCTIONS if side // s >= size), 1)
+
+
+def snap_box(box: Sequence[int], scale: int) -> Box:
+    """A square box moved and grown by less than `scale` px so that its corners fall on the `scale` grid.
+
+    It still holds the whole of `box`; its pixels are whole pixels of the image reduced by `scale`.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if scale == 1:
+        return x0, y0, x1, y1
+    left, top = x0 // scale, y0 // scale
+    side = -(-max(x1 - left * scale, y1 - top * scale) // scale)  # ceil
+    return left * scale, top * scale, (left + side) * scale, (top + side) * scale
+
+
+def _crop_rgb(image: Image.Image | np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """The `box` of an RGB image as an array, black outside the image; a PIL image is cropped before
+    it becomes an array (turning a whole multi-megapixel image into one costs more than the crop)."""
+    if isinstance(image, np.ndarray):
+        return crop_array(image, box)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return np.asarray(rgb.crop(tuple(int(v) for v in box)))  # PIL fills outside the image with 0
+
+
+def crop_resize(image: Image.Image | np.ndarray, box: Sequence[int], size: int,
+                decode_reduced: Callable[[int], Image.Image | np.ndarray] | None = None) -> tuple[np.ndarray, Box]:
+    """The square crop `box` of an RGB image (black outside it) at `size`²: the one crop + resize of pipeline and trainer.
+
+    In two steps: the crop is first reduced by `reduction(side, size)` (means of scale x scale
+    blocks, on a box snapped to that grid), then area-averaged (or, below `size`, bilinearly
+    enlarged) to `size`. The first step is what a JPEG decoder does when it decodes at a reduced
+    scale, so the trainer decodes a multi-megapixel source at 1/2..1/8 and gets the pixels the
+    pipeline gets from the full image (within a few grey levels: tests/training/test_data.py).
+
+    Args:
+        image: the image (PIL RGB, or HxWx3 uint8); not read when `decode_reduced` is given.
+        box: square (x0, y0, x1, y1), possibly past the edges (`zoom_box`).
+        size: output side.
+        decode_reduced: `scale -> the image reduced by scale` (RGB, ceil of each side; PIL or
+            HxWx3 uint8): a JPEG decoded at that scale, instead of block means of the full image.
+
+    Returns:
+        (size x size x 3 uint8 crop, the snapped box it covers, in full-size pixels).
+    """
+    scale = reduction(int(box[2]) - int(box[0]), size)
+    box = snap_box(box, scale)
+    if decode_reduced is not None:
+        crop = _crop_rgb(decode_reduced(scale), [v // scale for v in box])
+    else:
+        crop = _crop_rgb(image, box)
+        if scale > 1:  # an integer-factor INTER_AREA: exact block means
+            side = (box[2] - box[0]) // scale
+            crop = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
+    return resize_square(crop, size), box
 
 
 def blend_alpha(mask: Image.Image, dilation: int, feather: int) -> np.ndarray:

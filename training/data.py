@@ -4,7 +4,8 @@
 tar shards (local paths, brace patterns, any fsspec URL) with webdataset's tar iterators, either
 resampled with replacement (infinite; the multi-GPU default) or in seeded epochs, splits them
 over nodes (accelerate processes) and DataLoader workers, shuffles through a buffer, decodes each
-sample with `dataengine.schema.decode_sample` (mask stays L, subject stays RGBA) and turns it into
+sample like `dataengine.schema.decode_sample` (mask stays L, subject stays RGBA; the source JPEG
+is decoded later, at the reduced scale its zoom crop allows) and turns it into
 model inputs: zoom-in crop around the instance, mask augmentation (precise / box / dilated), the
 pipeline's own subject preprocessing (`inference.subject.prepare_subject`), caption tokenisation
 and condition dropout. A broken sample is skipped and counted by reason, never fatal.
@@ -29,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import count
 from typing import Any
 from urllib.parse import urlparse
@@ -38,12 +40,13 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dataengine.schema import Quadruplet, decode_sample
 from inference.subject import prepare_subject
-from inference.zoom import mask_box, zoom_box
+from inference.zoom import crop_resize, mask_box, zoom_box
 from training.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -330,6 +333,27 @@ class NoSamplesError(RuntimeError):
     """The stream cannot produce a sample: no shards for a worker, or every sample fails."""
 
 
+class CaptionMissingError(NoSamplesError):
+    """A sample has no caption of the kind `data.caption` asks for: the shards were mined with another
+    `caption.mode`. It stops the stream (every sample of such shards lacks it) instead of being skipped."""
+
+
+def caption_of(q: Quadruplet, kind: str) -> str:
+    """The sample's `kind` caption (`regional` or `global`, `data.caption`).
+
+    Raises:
+        CaptionMissingError: the sample was mined without that caption.
+    """
+    text = q.meta.caption(kind, q.text)
+    if text is None:
+        mined = ", ".join(sorted(q.meta.captions or {"regional": ""})) or "none"
+        raise CaptionMissingError(
+            f"sample {q.key} has no {kind!r} caption (it holds: {mined}); mine with caption.mode: {kind} or both, "
+            f"or set data.caption to one it holds"
+        )
+    return text
+
+
 class EmptyMaskError(ValueError):
     """A sample's mask has nothing to inpaint (at the source or at the training resolution)."""
 
@@ -355,29 +379,56 @@ def augment_mask(mask: np.ndarray, cfg: DataConfig, rng: random.Random) -> tuple
     return mask, mode
 
 
-def _crop_array(arr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """`inference.zoom.crop_with_padding` on an HxW(xC) array: the parts of `box` outside it are 0."""
-    x0, y0, x1, y1 = box
-    h, w = arr.shape[:2]
-    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
-        return arr[y0:y1, x0:x1]  # a view: nothing is copied before the resize
-    out = np.zeros((y1 - y0, x1 - x0, *arr.shape[2:]), dtype=arr.dtype)
-    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if ix1 > ix0 and iy1 > iy0:
-        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = arr[iy0:iy1, ix0:ix1]
-    return out
+class SourceDecodeError(ValueError):
+    """The source JPEG of a sample does not decode (counted as `decode`, like any undecodable member)."""
 
 
-def _resize_rgb(arr: np.ndarray, size: int) -> np.ndarray:
-    """Square uint8 HxWx3 -> size x size: bilinear when enlarging, area averaging when shrinking (anti-aliased).
+def decode_lazily(raw: dict[str, Any]) -> Quadruplet:
+    """`dataengine.schema.decode_sample` for the loader: everything decoded and checked, except the source pixels.
 
-    OpenCV rather than PIL: several times faster on the loader's CPUs; enlarging matches PIL's
-    bilinear within 1 grey level.
+    The source JPEG is only opened; the builder decodes it once it knows the crop, at the reduced
+    scale the crop allows (`load_source` through `inference.zoom.crop_resize`): a multi-megapixel
+    source is most of a sample's decode time, and a 512² crop of it rarely needs all of its pixels.
+
+    Raises:
+        ValueError: a field is missing, does not decode, or breaks the contract.
     """
-    if arr.shape[0] == size and arr.shape[1] == size:
-        return arr
-    interpolation = cv2.INTER_AREA if arr.shape[0] > size else cv2.INTER_LINEAR
-    return cv2.resize(arr, (size, size), interpolation=interpolation)
+    return decode_sample(raw, load_source=False)
+
+
+def load_source(source: Image.Image, scale: int) -> Image.Image:
+    """The lazily opened source JPEG, decoded at 1/`scale` of each side (ceil), or in full when `scale` is 1.
+
+    Raises:
+        SourceDecodeError: the JPEG data is truncated or corrupt.
+    """
+    w, h = source.size
+    try:
+        if scale > 1 and min(w, h) < scale:  # too thin for libjpeg's scaling: block means of the full decode
+            source.load()
+            source = source.reduce(scale)
+        elif scale > 1:
+            source.draft("RGB", (w // scale, h // scale))
+        source.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise SourceDecodeError(f"source does not decode: {exc}") from exc
+    expected = (-(-w // scale), -(-h // scale))
+    if source.size != expected or source.mode != "RGB":
+        raise SourceDecodeError(f"source decoded to {source.mode} {source.size}, expected RGB {expected}")
+    return source
+
+
+def crop_mask(mask: Image.Image, box: tuple[int, int, int, int], resolution: int) -> np.ndarray:
+    """The `box` crop of the L mask at `resolution`² as 0/1 uint8 (nearest: the same pixels as PIL's NEAREST)."""
+    # PIL's crop pads outside the image with 0 ("keep"), like `crop_resize`, and copies only the box.
+    crop = cv2.resize(np.asarray(mask.crop(box)), (resolution, resolution), interpolation=cv2.INTER_NEAREST_EXACT)
+    return (crop > 127).astype(np.uint8)
+
+
+def _is_lazy(image: Image.Image) -> bool:
+    """An opened RGB JPEG whose pixels are not decoded yet (from `decode_lazily`)."""
+    # An ImageFile keeps its decoder `tile`s until load() has run them.
+    return image.format == "JPEG" and image.mode == "RGB" and bool(getattr(image, "tile", None))
 
 
 def _chw_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -402,6 +453,7 @@ class TrainingExampleBuilder:
         image_processor: the pipeline's CLIPImageProcessor (normalisation for the image encoder).
         refine: build `refine_pixels` (RefineNet's subject input; stage 2 only). Without it the
             samples carry no `refine_pixels`, and the largest subject resize is skipped.
+        tokenizer_2: SDXL's second tokenizer; when given, samples also carry `input_ids_2`.
     """
 
     @staticmethod
@@ -410,9 +462,10 @@ class TrainingExampleBuilder:
         return rng.random() < dropout.text, rng.random() < dropout.image
 
     def __init__(self, cfg: DataConfig, tokenizer, clip_size: int, refine_size: int, image_processor=None,
-                 refine: bool = True):
+                 refine: bool = True, tokenizer_2=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.clip_size = clip_size
         self.refine_size = refine_size
         self.image_processor = image_processor
@@ -432,7 +485,10 @@ class TrainingExampleBuilder:
             dict with pixel_values (3,R,R) uint8 (`pixels_to_unit_range` makes it [-1,1]), mask
             (1,R,R) uint8 0/1 (1 = inpaint; the masked image is pixel_values where mask is 0),
             clip_pixels, refine_pixels (float; only with `refine`), input_ids (L,), drop_text,
-            drop_image (bool tensors), mask_mode (str), key (str).
+            drop_image (bool tensors), mask_mode (str), key (str), crop_box (4,) long (the square
+            crop in source pixels, possibly past the edges) and source_size (2,) long (w, h): the
+            crop's real geometry, SDXL's micro-conditioning (`inference.sdxl.sdxl_time_ids`);
+            input_ids_2 (L,) with `tokenizer_2`.
 
         Raises:
             EmptyMaskError: the mask is empty (counted as `empty_mask`).
@@ -451,12 +507,12 @@ class TrainingExampleBuilder:
             side = max(w, h)
             x0, y0 = (w - side) // 2, (h - side) // 2
             crop = (x0, y0, x0 + side, y0 + side)
-        # Crop first (padding with black / "keep"), then resize only the crop.
-        source = _resize_rgb(_crop_array(np.asarray(q.source), crop), res)
-        # INTER_NEAREST_EXACT samples the same pixels as PIL's NEAREST.
-        mask_crop = cv2.resize(_crop_array(np.asarray(q.mask), crop), (res, res),
-                               interpolation=cv2.INTER_NEAREST_EXACT)
-        mask_crop = (mask_crop > 127).astype(np.uint8)
+        # The pipeline's crop (`crop_resize`), with the source decoded only now, at the reduced JPEG
+        # scale the crop allows; the box moves onto that scale's grid (by less than the scale in
+        # px, far below the zoom's own randomness), and the mask is cut with the same box.
+        lazy = partial(load_source, q.source) if _is_lazy(q.source) else None
+        source, crop = crop_resize(q.source, crop, res, decode_reduced=lazy)
+        mask_crop = crop_mask(q.mask, crop, res)
         if not mask_crop.any():  # a sliver that vanished when resized
             raise EmptyMaskError(f"sample {q.key}: the mask vanishes at {res}px")
         # 2. Mask augmentation.
@@ -470,7 +526,8 @@ class TrainingExampleBuilder:
         )
         # 4. Condition dropout for CFG (paper 4.5): text and image are dropped independently.
         drop_text, drop_image = self.draw_dropout(self.cfg.dropout, rng)
-        input_ids = self.tokenize("" if drop_text else q.text)
+        text = "" if drop_text else caption_of(q, self.cfg.caption)
+        input_ids = self.tokenize(text)
         example = {
             "pixel_values": pixel_values,
             "mask": mask_t,
@@ -480,7 +537,14 @@ class TrainingExampleBuilder:
             "drop_image": torch.tensor(drop_image),
             "mask_mode": mode,
             "key": q.key,
+            "crop_box": torch.tensor([int(v) for v in crop], dtype=torch.long),
+            "source_size": torch.tensor([w, h], dtype=torch.long),
         }
+        if self.tokenizer_2 is not None:
+            example["input_ids_2"] = self.tokenizer_2(
+                text, padding="max_length", max_length=self.tokenizer_2.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]
         if self.refine:
             example["refine_pixels"] = subject.refine_pixels.float()
         return example
@@ -629,12 +693,17 @@ class QuadrupletStream(IterableDataset):
                 continue  # consumed before the checkpoint: skip without decoding
             rng = random.Random(f"{self.seed}:sample:{global_role}:{position}")
             try:
-                quad = decode_sample(raw_sample)
+                quad = decode_lazily(raw_sample)
             except ValueError as exn:
                 failures.fail(SKIP_DECODE, f"skipping a sample (decode): {describe_error(exn)}")
                 continue
             try:
                 example = self.builder(quad, rng)
+            except CaptionMissingError:
+                raise  # the shards cannot serve data.caption: skipping sample by sample would hide it
+            except SourceDecodeError as exn:
+                failures.fail(SKIP_DECODE, f"skipping a sample (decode): sample {quad.key}: {describe_error(exn)}")
+                continue
             except EmptyMaskError as exn:
                 failures.fail(SKIP_EMPTY_MASK, f"skipping a sample (empty_mask): {exn}")
                 continue
@@ -722,7 +791,11 @@ __all__ = [
     "FailureTracker",
     "ShardError",
     "WarningLimiter",
+    "SourceDecodeError",
     "augment_mask",
+    "crop_mask",
+    "decode_lazily",
+    "load_source",
     "available_cpus",
     "check_shards",
     "collate",
