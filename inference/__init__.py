@@ -16,6 +16,8 @@ silence_pil_fallback_warning()
 _LAZY = {
     "LARGenPipeline": "inference.pipeline",
     "LARGenPipelineOutput": "inference.pipeline",
+    "LARGenXLPipeline": "inference.sdxl",
+    "load_largen_pipeline": "inference.sdxl",
     "EditingSession": "inference.session",
     "LARGenModel": "inference.model",
     "AssignAdapter": "inference.model",
@@ -32,7 +34,9 @@ __all__ = [
     "LARGenModel",
     "LARGenPipeline",
     "LARGenPipelineOutput",
+    "LARGenXLPipeline",
     "SubjectInputs",
+    "load_largen_pipeline",
     "prepare_subject",
     "refinenet_from_unet",
 ]
@@ -40,6 +44,7 @@ __all__ = [
 if TYPE_CHECKING:
     from inference.model import AssignAdapter, DetailEncoder, LARGenModel, refinenet_from_unet
     from inference.pipeline import LARGenPipeline, LARGenPipelineOutput
+    from inference.sdxl import LARGenXLPipeline, load_largen_pipeline
     from inference.session import EditingSession
     from inference.subject import SubjectInputs, prepare_subject
 

@@ -1,4 +1,5 @@
-"""The `largen` command line: `largen inpaint --image PATH (--mask PATH | --box x0,y0,x1,y1) ... --out PATH` and `largen serve`.
+"""The `largen` command line: `largen inpaint --image PATH (--mask PATH | --box x0,y0,x1,y1) ... --out PATH`,
+`largen outpaint` (zoom-out), `largen tryon` (virtual try-on, run by `serving.tryon`), `largen serve` and `largen eval`.
 
 The model is `--model DIR|HUBID`, else `$LARGEN_MODEL` (a folder written by
 `LARGenPipeline.save_pretrained`, e.g. the tiny zoo's `largen-pipeline`). Every argument is checked
@@ -36,6 +37,8 @@ MODEL_ENV = "LARGEN_MODEL"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 PIPELINE_CLASS = "LARGenPipeline"
+# The classes `largen inpaint` loads (mirrors inference.sdxl.PIPELINE_CLASS_NAMES without importing torch).
+PIPELINE_CLASSES = (PIPELINE_CLASS, "LARGenXLPipeline")
 MASK_THRESHOLD = 128  # white, as inference.subject and inference.zoom read masks
 # Mirrors inference.pipeline.DEFAULT_BETA / BETA_MAX; importing the pipeline here would load torch
 # and diffusers for `largen --help`. tests/inference/test_cli.py keeps the two in step.
@@ -43,6 +46,7 @@ BETA_SUBJECT_ONLY = 1.0
 BETA_WITH_TEXT = 0.3
 BETA_MAX = 2.0
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a uint64
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}  # --dtype -> torch attribute
 # Errors PIL raises for a damaged file (UnidentifiedImageError is an OSError); the rest are what
 # older or third-party decoders have been seen to leak.
 _IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error)
@@ -111,31 +115,20 @@ OPTION_TYPES = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `largen` argument parser (subcommands `inpaint`, `serve`); its errors are one line, exit status 2."""
-    parser = _Parser(prog="largen", description="LAR-Gen promptable inpainting.")
-    parser.add_argument("--version", action="version", version=f"largen {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser(
-        "inpaint",
-        help="inpaint a region of an image from a text prompt, a subject image, or both",
-        description="Inpaint the masked region of --image guided by --prompt, --subject, or both. "
-        "Bad input prints one line 'largen: error: ...' and exits with status 2; --out is written "
-        "only when the run succeeds.",
-    )
-    p.add_argument("--image", required=True, help="source image")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mask", help="mask image, same size as --image (white, >= 128, = inpaint)")
-    where.add_argument("--box", help="region to inpaint as x0,y0,x1,y1 pixels inside the image (x1, y1 exclusive)")
+def add_generation_arguments(p: argparse.ArgumentParser, subject: bool = True) -> None:
+    """The options every generating command shares (inpaint, outpaint, tryon): guidance, sampling, device, output, model."""
     p.add_argument("--prompt", default=None, help="text prompt")
-    p.add_argument("--subject", default=None, help="subject image (RGBA: alpha = subject; RGB: the whole picture)")
-    p.add_argument("--subject-mask", default=None, help="mask for --subject, same size (white = subject; overrides alpha)")
+    if subject:
+        p.add_argument("--subject", default=None, help="subject image (RGBA: alpha = subject; RGB: the whole picture)")
+        p.add_argument("--subject-mask", default=None,
+                       help="mask for --subject, same size (white = subject; overrides alpha)")
     p.add_argument(
         "--beta",
         type=OPTION_TYPES["beta"],
         default=None,
         help=f"image prompt strength beta in [0, {BETA_MAX:g}] (default: the mode's, as in the paper's "
-        f"Table 1: {BETA_SUBJECT_ONLY:.1f} for --subject without --prompt, {BETA_WITH_TEXT:.1f} with a --prompt)",
+        f"Table 1: {BETA_SUBJECT_ONLY:.1f} for --subject without --prompt, {BETA_WITH_TEXT:.1f} with a --prompt; "
+        "an SDXL folder may save its own, e.g. the converted official weights: 1.0 with --subject, 0 without)",
     )
     p.add_argument(
         "--steps", type=OPTION_TYPES["steps"], default=50, help="denoising steps (default 50)"
@@ -150,21 +143,211 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=OPTION_TYPES["seed"], default=0,
         help="random seed (default 0)",
     )
-    p.add_argument("--no-zoom", action="store_true", help="inpaint the whole image instead of a crop around the mask")
     p.add_argument("--no-refine", action="store_true", help="do not use RefineNet")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="weights and activations: float32 (default), float16 (GPU only) or bfloat16")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last convolution weights (UNets, VAE): faster on tensor-core GPUs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and RefineNet (pays off over many images; the first call compiles)")
     p.add_argument(
         "--out", required=True,
         help="output image path; the format follows the suffix (.png, .jpg, .webp, ...); written only on success",
     )
     p.add_argument("--model", default=None, help=f"LAR-Gen pipeline folder or hub id (default ${MODEL_ENV})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `largen` argument parser (inpaint, outpaint, tryon, convert-official, serve, eval); its errors are one line, exit status 2."""
+    parser = _Parser(prog="largen", description="LAR-Gen promptable inpainting.")
+    parser.add_argument("--version", action="version", version=f"largen {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "inpaint",
+        help="inpaint a region of an image from a text prompt, a subject image, or both",
+        description="Inpaint the masked region of --image guided by --prompt, --subject, or both. "
+        "Bad input prints one line 'largen: error: ...' and exits with status 2; --out is written "
+        "only when the run succeeds.",
+    )
+    p.add_argument("--image", required=True, help="source image")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", help="mask image, same size as --image (white, >= 128, = inpaint)")
+    where.add_argument("--box", help="region to inpaint as x0,y0,x1,y1 pixels inside the image (x1, y1 exclusive)")
+    add_generation_arguments(p)
+    p.add_argument("--no-zoom", action="store_true", help="inpaint the whole image instead of a crop around the mask")
+    o = sub.add_parser(
+        "outpaint",
+        help="zoom out: extend the canvas and fill the new border (text, subject or both)",
+        description="Zoom out of --image: the canvas grows by --zoom-out F (both axes, the image centred) or "
+        "--extend L,T,R,B (fractions of the width / height added per side), and the new border is filled "
+        "by the model, guided by --prompt, --subject, or both; the original pixels are kept. Bad input "
+        "prints one line 'largen: error: ...' and exits with status 2; --out is written only on success.",
+    )
+    o.add_argument("--image", required=True, help="source image")
+    grow = o.add_mutually_exclusive_group(required=True)
+    grow.add_argument("--zoom-out", type=_float_type(1.0, 4.0, "a number in (1, 4]"), default=None, metavar="F",
+                      help="canvas = F x the image on both axes, the image centred (1 < F <= 4)")
+    grow.add_argument("--extend", default=None, metavar="L,T,R,B",
+                      help="fractions of the image's width (L, R) or height (T, B) added on each side, e.g. 0.5,0,0.5,0")
+    o.add_argument("--blend", type=_int_type(0, 512, "a whole number in [0, 512]"), default=0,
+                   help="pixels of the original's rim the border may fade over (default 0: the original is kept exactly)")
+    add_generation_arguments(o)
+    t = sub.add_parser(
+        "tryon",
+        help="virtual try-on: dress a person in a garment image (the garment's region found from words)",
+        description="Virtual try-on (paper 6.5): the region named by --garment-words (default 'upper clothes') "
+        "is found in --image with the data engine's grounding + segmentation, and inpainted with --garment "
+        "as the subject (and --prompt, if given). Needs the engine's models (--profile). Bad input prints "
+        "one line 'largen: error: ...' and exits with status 2; --out is written only on success.",
+    )
+    t.add_argument("--image", required=True, help="photo of the person")
+    t.add_argument("--garment", required=True, help="garment image (RGBA: alpha = garment; RGB: the whole picture)")
+    t.add_argument("--garment-mask", default=None, help="mask for --garment, same size (white = garment)")
+    t.add_argument("--garment-words", default="upper clothes",
+                   help="what to replace on the person, in words (default 'upper clothes'; e.g. 'dress', 'trousers')")
+    t.add_argument("--profile", default="full",
+                   help="the pipelines.yaml profile of the grounding and segmentation models (default full; tiny: the offline zoo)")
+    t.add_argument("--config", default=None, help="pipelines.yaml holding --profile (default: the repository's)")
+    t.add_argument("--box-threshold", type=_float_type(0.0, 1.0, "a number in [0, 1]"), default=0.25,
+                   help="Grounding DINO box score a garment box needs (default 0.25, as /v1/mask)")
+    t.add_argument("--text-threshold", type=_float_type(0.0, 1.0, "a number in [0, 1]"), default=0.2,
+                   help="Grounding DINO phrase score a garment box needs (default 0.2, as /v1/mask)")
+    t.add_argument("--dilate", type=_int_type(0, 256, "a whole number in [0, 256]"), default=8,
+                   help="pixels the garment mask grows by, so the new garment may be larger (default 8)")
+    add_generation_arguments(t, subject=False)
+    add_convert_arguments(sub.add_parser(
+        "convert-official",
+        help="convert the official LAR-Gen release (SDXL, scepter) into a LAR-Gen pipeline folder",
+        description="Convert the official largen_ckpt_s22k.pth (+ IP-Adapter-Plus SDXL ViT-H) into an SDXL "
+        "LAR-Gen pipeline folder for `largen inpaint --model OUT`. Bad input prints one line "
+        "'largen: error: ...' and exits with status 2; OUT is written only when the conversion succeeds.",
+    ))
     add_serve_arguments(sub.add_parser(
         "serve",
         help="serve the HTTP API and the web editor (docs/serving.md)",
         description="Load the pipeline once and serve the HTTP API (/v1/..., OpenAPI docs at /docs) and the "
         "web editor (/). Bad input prints one line 'largen: error: ...' and exits with status 2.",
     ))
+    add_eval_arguments(sub.add_parser(
+        "eval",
+        help="the paper's benchmark: build it, run models on it, report (docs/evaluation.md)",
+        description="Build the paper's evaluation benchmark, run LAR-Gen and the baselines on it, and report "
+        "Tables 1 and 2 and Fig. 13. Bad input prints one line 'largen: error: ...' and exits with status 2.",
+    ))
     return parser
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `largen eval build|run|report`; the harness itself lives in `evaluation`."""
+    positive = _int_type(1, 10**9, "a whole number >= 1")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
+    b = sub.add_parser("build", help="build a benchmark folder (cases.parquet + images)",
+                       description="Build the benchmark from COCO val2017 + DreamBooth, or --synthetic offline.")
+    b.add_argument("--out", required=True, help="benchmark folder to write")
+    b.add_argument("--synthetic", action="store_true", help="a small offline benchmark from scikit-image photos and drawn subjects")
+    b.add_argument("--coco", help="COCO folder: annotations/instances_val2017.json and val2017/")
+    b.add_argument("--dreambooth", help="DreamBooth dataset folder (prompts_and_classes.txt, one folder per subject)")
+    b.add_argument("--masks", help="folder of hand-made subject masks <subject>.png (white = subject); override the cuts")
+    b.add_argument("--subjects", help="comma list of DreamBooth subjects instead of the seeded pick")
+    b.add_argument("--seed", type=OPTION_TYPES["seed"], default=0, help="seed of the scene and subject picks and the case seeds (default 0)")
+    b.add_argument("--scenes", type=positive, default=None, help="scene images (default 20; --synthetic 2)")
+    b.add_argument("--subjects-per-kind", type=positive, default=None, help="live and non-live subjects each (default 5; --synthetic 1)")
+    b.add_argument("--prompts", type=positive, default=None, help="prompts per subject, the first N of Fig. 9 (default 10; --synthetic 2)")
+    b.add_argument("--config", default=None, help="pipelines.yaml for the cut-outs (default: the repository's)")
+    b.add_argument("--pipeline", default="default", help="pipeline of --config whose ground/segment settings cut the subjects (default 'default')")
+    b.add_argument("--profile", default=None, help="model profile for the cut-outs (default: the pipeline's)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of --pipeline, e.g. ground.box_threshold=0.3")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out benchmark")
+    r = sub.add_parser("run", help="run rows over a benchmark and score them (resumable)",
+                       description="Run the requested rows over every case of --bench, score them, write OUT. "
+                       "Rerunning the same command resumes: scored cases are skipped.")
+    r.add_argument("--bench", required=True, help="benchmark folder (largen eval build)")
+    r.add_argument("--out", required=True, help="results folder")
+    r.add_argument("--model", default=None, help=f"LAR-Gen pipeline folder or hub id (default ${MODEL_ENV})")
+    r.add_argument("--rows", default="table1", help="comma list of rows or groups: table1, table2, sweep, all (default table1)")
+    r.add_argument("--profile", choices=("full", "tiny"), default="full",
+                   help="model preset for the baselines and metrics: full (hub checkpoints) or tiny (the offline zoo)")
+    for flag, what in (("--clip", "CLIP for CLIP-I/CLIP-T"), ("--dino", "DINO ViT-S/16 for DINO-I"),
+                       ("--sd-inpainting", "SD-inpainting baseline"), ("--ip-adapter", "IP-Adapter-Plus of the SDIIPA row"),
+                       ("--paint-by-example", "Paint-by-Example baseline"),
+                       ("--locate-model", "Table 2 '+ Locate': SD-inpainting fine-tuned on regional captions"),
+                       ("--assign-model", "Table 2 '++ Assign': the stage-1 LAR-Gen export")):
+        r.add_argument(flag, default=None, help=f"{what} (hub id or folder; default: --profile's)")
+    r.add_argument("--steps", type=OPTION_TYPES["steps"], default=50, help="denoising steps of every row (default 50)")
+    r.add_argument("--guidance", type=OPTION_TYPES["guidance"], default=7.5, help="guidance scale w of every row (default 7.5)")
+    r.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when there is a GPU, else cpu)")
+    r.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="precision of the pipelines on a GPU (default float32; the metrics always run in float32)")
+    r.add_argument("--shard", default=None, metavar="I/N", help="run only cases i with i mod N == I (default: RANK/WORLD_SIZE of accelerate launch or torchrun)")
+    r.add_argument("--limit", type=positive, default=None, help="only the first N cases (a smoke test)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("report", help="merge the results of OUT into results.parquet, summary.json, table.md and figures",
+                   description="Merge every part of a run (all shards) into the report files.").add_argument(
+        "--out", required=True, help="results folder of `largen eval run`")
+    return p
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `largen convert-official` (`inference.official.convert_official`)."""
+    p.add_argument("ckpt", metavar="CKPT", help="the official checkpoint (largen_ckpt_s22k.pth, or a .safetensors of it)")
+    p.add_argument("out", metavar="OUT", help="pipeline folder to write (must not exist unless --overwrite)")
+    p.add_argument("--base", default="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+                   help="SDXL-inpainting hub id or folder: text encoders, tokenizers, scheduler, VAE "
+                   "(default diffusers/stable-diffusion-xl-1.0-inpainting-0.1)")
+    p.add_argument("--image-prompt", default="h94/IP-Adapter",
+                   help="hub id or folder holding the CLIP ViT-H image encoder (default h94/IP-Adapter)")
+    p.add_argument("--image-encoder-folder", default="models/image_encoder",
+                   help="the encoder's folder inside --image-prompt (default models/image_encoder)")
+    p.add_argument("--ip-adapter", default=None,
+                   help="IP-Adapter-Plus SDXL ViT-H file (ip-adapter-plus_sdxl_vit-h.bin/.safetensors) for the "
+                   "resampler, when CKPT does not carry it")
+    p.add_argument("--vae", default=None, help="VAE hub id or folder instead of --base's (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float16",
+                   help="dtype of the saved weights (default float16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return p
+
+
+def _convert(args: argparse.Namespace) -> Path:
+    ckpt = Path(args.ckpt).expanduser()
+    kind = _path_kind(ckpt, f"CKPT {args.ckpt!r}")
+    if kind == "missing":
+        raise CLIError(f"CKPT {args.ckpt!r} does not exist")
+    if kind != "file":
+        raise CLIError(f"CKPT {args.ckpt!r} is not a file")
+    if args.ip_adapter is not None and _path_kind(Path(args.ip_adapter).expanduser(), f"--ip-adapter {args.ip_adapter!r}") != "file":
+        raise CLIError(f"--ip-adapter {args.ip_adapter!r} is not a file")
+    out = Path(args.out).expanduser()
+    out_kind = _path_kind(out, f"OUT {args.out!r}")
+    if out_kind not in ("missing", "dir"):
+        raise CLIError(f"OUT {args.out!r} exists and is not a folder")
+    if out_kind == "dir" and not args.overwrite:
+        raise CLIError(f"OUT {args.out!r} already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise CLIError(f"OUT {args.out!r}: the folder {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise CLIError(f"OUT {args.out!r}: the folder {str(out.parent)!r} is not writable")
+
+    import torch
+
+    from inference.loading import CheckpointNotFoundError
+    from inference.official import convert_official
+
+    try:
+        with _model_loading(show_bars=sys.stderr.isatty()):
+            convert_official(
+                ckpt, out, base=args.base, image_prompt=args.image_prompt,
+                image_encoder_folder=args.image_encoder_folder, ip_adapter=args.ip_adapter, vae=args.vae,
+                torch_dtype=getattr(torch, DTYPES[args.dtype]),
+            )
+    except CheckpointNotFoundError as err:
+        raise CLIError(str(err).splitlines()[0]) from err
+    except ValueError as err:  # OfficialCheckpointError, or weights that do not fit one another
+        raise CLIError(f"CKPT {args.ckpt!r}: {str(err).splitlines()[0]}") from err
+    except OSError as err:
+        raise CLIError(f"OUT {args.out!r} could not be written ({err.strerror or err})") from err
+    return out
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -462,7 +645,7 @@ def check_model(model: str) -> str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CLIError(f"--model {model!r}: model_index.json is not valid JSON ({str(err).splitlines()[0]})") from err
     name = config.get("_class_name") if isinstance(config, dict) else None
-    if name != PIPELINE_CLASS:
+    if name not in PIPELINE_CLASSES:
         raise CLIError(f"--model {model!r} holds a {name or 'pipeline of unknown class'}, not a {PIPELINE_CLASS}")
     for component, spec in config.items():
         if not component.startswith("_") and isinstance(spec, list) and spec[0] is not None and not (path / component).is_dir():
@@ -566,11 +749,12 @@ def load_pipeline(model_ref: str, model: str, show_bars: bool = False):
     Raises:
         CLIError: one line naming `--model` when the load fails.
     """
-    from inference.pipeline import LARGenPipeline
+    from inference.sdxl import load_largen_pipeline
 
     try:
         with _model_loading(show_bars=show_bars):
-            return LARGenPipeline.from_pretrained(model_ref)
+            # SD-1.5 or SDXL: the class follows the folder's model_index.json.
+            return load_largen_pipeline(model_ref)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = first.split(" Please check out the root cause")[0]  # there is no stacktrace above
@@ -589,12 +773,64 @@ def check_steps(pipe, steps: int, name: str = "--steps") -> None:
 
 
 # ---------------------------------------------------------------------- the command
-def _inpaint(args: argparse.Namespace) -> Path:
+def check_generation(args: argparse.Namespace, subject_names: tuple[str, str] = ("--subject", "--subject-mask"),
+                     has_subject: bool | None = None) -> tuple[str, bool, Path, str]:
+    """The cheap checks of a generating command, before any image or model is read.
+
+    Returns:
+        (the model as written, whether the prompt has text, the output path, its image format).
+
+    Raises:
+        CLIError: no model, nothing to generate with, or a bad --out.
+    """
     model = args.model or os.environ.get(MODEL_ENV)
     if not model:
         raise CLIError(f"no model: pass --model DIR|HUBID or set ${MODEL_ENV}")
-    has_text = check_guidance_inputs(args.prompt, bool(args.subject), bool(args.subject_mask))
+    subject = getattr(args, "subject", None) if has_subject is None else has_subject
+    has_text = check_guidance_inputs(args.prompt, bool(subject), bool(getattr(args, "subject_mask", None)),
+                                     ("--prompt", *subject_names))
     out, fmt = _check_out(args.out)
+    return model, has_text, out, fmt
+
+
+def load_generation_pipeline(args: argparse.Namespace, model: str):
+    """The pipeline on the requested device and dtype, with the speed options; returns (pipe, device).
+
+    Raises:
+        CLIError: a bad --device, --dtype for that device, --model or --steps.
+    """
+    import torch
+
+    device = check_device(args.device)
+    if args.dtype == "float16" and not device.startswith("cuda"):
+        raise CLIError(f"--dtype float16 needs a CUDA device (got --device {device}); use float32 or bfloat16")
+    model_ref = check_model(model)
+    interactive = sys.stderr.isatty()
+    pipe = load_pipeline(model_ref, model, show_bars=interactive)
+    check_steps(pipe, args.steps)
+    pipe.set_progress_bar_config(disable=not interactive)
+    pipe = pipe.to(device).optimize(dtype=getattr(torch, DTYPES[args.dtype]), channels_last=args.channels_last,
+                                    compile=args.compile)
+    return pipe, device
+
+
+def generation_kwargs(args: argparse.Namespace, has_text: bool, subject, device: str) -> dict:
+    """The pipeline-call arguments the shared options give (prompt, subject, beta, steps, guidance, seed, refine)."""
+    import torch
+
+    return {
+        "prompt": args.prompt if has_text else None,
+        "subject_image": subject,
+        "beta": args.beta,
+        "guidance_scale": args.guidance,
+        "num_inference_steps": args.steps,
+        "generator": torch.Generator(device=device).manual_seed(args.seed),
+        "use_refine": not args.no_refine,
+    }
+
+
+def _inpaint(args: argparse.Namespace) -> Path:
+    model, has_text, out, fmt = check_generation(args)
     image = _read_image(args.image, "--image")
     if args.mask:
         mask = check_mask(_read_image(args.mask, "--mask"), image, f"--mask {args.mask!r}")
@@ -602,31 +838,49 @@ def _inpaint(args: argparse.Namespace) -> Path:
         mask = parse_box(args.box, image.size)
     image = _to_rgb(image)
     subject = _read_subject(args) if args.subject else None
-    device = check_device(args.device)
-    model_ref = check_model(model)
-
-    import torch
-
-    interactive = sys.stderr.isatty()
-    pipe = load_pipeline(model_ref, model, show_bars=interactive)
-    check_steps(pipe, args.steps)
-    pipe.set_progress_bar_config(disable=not interactive)
-    pipe = pipe.to(device)
+    pipe, device = load_generation_pipeline(args, model)
     try:
-        result = pipe(
-            image,
-            mask,
-            prompt=args.prompt if has_text else None,
-            subject_image=subject,
-            beta=args.beta,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            generator=torch.Generator(device=device).manual_seed(args.seed),
-            zoom_in=not args.no_zoom,
-            use_refine=not args.no_refine,
-        )
+        result = pipe(image, mask, zoom_in=not args.no_zoom, **generation_kwargs(args, has_text, subject, device))
     except ValueError as err:
         raise CLIError(f"cannot inpaint: {str(err).splitlines()[0]}") from err
+    _write_atomic(result.images[0], out, fmt)
+    return out
+
+
+def parse_extend(text: str) -> tuple[float, float, float, float]:
+    """`--extend L,T,R,B`: four fractions >= 0.
+
+    Raises:
+        CLIError: not four finite numbers >= 0.
+    """
+    parts = text.split(",")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise CLIError(f"--extend {text!r} must be four numbers >= 0: left,top,right,bottom (fractions of the image)")
+    return values
+
+
+def _outpaint(args: argparse.Namespace) -> Path:
+    from inference.outpaint import margins, outpaint
+
+    model, has_text, out, fmt = check_generation(args)
+    extend = parse_extend(args.extend) if args.extend is not None else None
+    image = _to_rgb(_read_image(args.image, "--image"))
+    try:
+        margins(image.size, args.zoom_out, extend)
+    except ValueError as err:
+        flag = "--zoom-out" if args.zoom_out is not None else "--extend"
+        raise CLIError(f"{flag}: {err}") from err
+    subject = _read_subject(args) if args.subject else None
+    pipe, device = load_generation_pipeline(args, model)
+    kwargs = generation_kwargs(args, has_text, subject, device)
+    try:
+        result = outpaint(pipe, image, zoom_out=args.zoom_out, extend=extend, blend=args.blend, **kwargs)
+    except ValueError as err:
+        raise CLIError(f"cannot outpaint: {str(err).splitlines()[0]}") from err
     _write_atomic(result.images[0], out, fmt)
     return out
 
@@ -642,10 +896,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inpaint":
             out = _inpaint(args)
             print(f"wrote {out}")
+        elif args.command == "outpaint":
+            out = _outpaint(args)
+            print(f"wrote {out}")
+        elif args.command == "tryon":
+            # By name, at run time, as for serve: the garment mask comes from the engine's models.
+            out = importlib.import_module("serving.tryon").tryon_command(args)
+            print(f"wrote {out}")
+        elif args.command == "convert-official":
+            out = _convert(args)
+            print(f"wrote {out}")
         elif args.command == "serve":
             # By name, at run time: `serving` imports `dataengine` (mask models), and `inference`
             # must not depend on `dataengine` (docs/architecture.md), so nothing here imports it.
             return importlib.import_module("serving.cli").serve(args)
+        elif args.command == "eval":
+            # By name, at run time, as for serve: `evaluation` imports `dataengine` (the cut-outs).
+            return importlib.import_module("evaluation.cli").main(args)
     except CLIError as err:
         print(f"largen: error: {err}", file=sys.stderr)
         return EXIT_USAGE

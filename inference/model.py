@@ -361,18 +361,47 @@ class AssignAdapter(ModelMixin, ConfigMixin):
             proc.scale = [float(beta)]
 
 
+DETAIL_MLP = "mlp"
+DETAIL_LINEAR = "linear"
+# Which CLIP hidden states feed the detail encoder: lar-gen's own (penultimate layer, CLS dropped),
+# or the official SDXL release's `patch_projector` input (last layer, CLS kept).
+DETAIL_PENULTIMATE_PATCHES = "penultimate_patches"
+DETAIL_LAST_ALL = "last_all"
+
+
 class DetailEncoder(ModelMixin, ConfigMixin):
-    """Refine's detail encoder (Eq. 8): an MLP from CLIP patch features to RefineNet's cross-attention context."""
+    """Refine's detail encoder (Eq. 8): CLIP patch features to RefineNet's cross-attention context.
+
+    `kind="mlp"` (lar-gen's, trained in stage 2): Linear-GELU-Linear + LayerNorm. `kind="linear"`:
+    one Linear, the official SDXL release's `patch_projector` (`inference.official`). `features`
+    says which CLIP hidden states it reads (`LARGenModel.encode_subject`).
+    """
 
     @register_to_config
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int | None = None,
+        kind: str = DETAIL_MLP,
+        features: str = DETAIL_PENULTIMATE_PATCHES,
+    ) -> None:
         super().__init__()
-        hidden = hidden_dim or max(in_dim, out_dim)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-        self.norm = nn.LayerNorm(out_dim)
+        if kind not in (DETAIL_MLP, DETAIL_LINEAR):
+            raise ValueError(f"DetailEncoder kind must be {DETAIL_MLP!r} or {DETAIL_LINEAR!r}, got {kind!r}")
+        if features not in (DETAIL_PENULTIMATE_PATCHES, DETAIL_LAST_ALL):
+            raise ValueError(f"DetailEncoder features must be {DETAIL_PENULTIMATE_PATCHES!r} or {DETAIL_LAST_ALL!r}, got {features!r}")
+        if kind == DETAIL_LINEAR:
+            self.proj = nn.Linear(in_dim, out_dim)
+        else:
+            hidden = hidden_dim or max(in_dim, out_dim)
+            self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+            self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
         """[B, N, in_dim] CLIP patch features -> [B, N, out_dim] detail tokens."""
+        if self.config.kind == DETAIL_LINEAR:
+            return self.proj(patch_features)
         return self.norm(self.mlp(patch_features))
 
 
@@ -430,6 +459,10 @@ def _runs_before(name: str, last: tuple[int, ...]) -> bool:
     """
     position = _decoder_position(name)
     return position is None or position < last
+
+
+def _cast_added(added: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
 
 
 class LARGenModel(nn.Module):
@@ -518,6 +551,33 @@ class LARGenModel(nn.Module):
     def has_refine(self) -> bool:
         return self.refinenet is not None
 
+    def optimize(self, channels_last: bool = False, compile: bool = False, compile_mode: str | None = None,
+                 compile_backend: str = "inductor") -> LARGenModel:
+        """Speed options of the denoisers (main UNet, RefineNet), shared by the pipeline and the trainer.
+
+        Attention needs no option: every processor (diffusers' `*2_0` ones and Refine's) calls
+        PyTorch's SDPA, which picks the flash / memory-efficient kernel on a GPU by itself.
+
+        Args:
+            channels_last: convolution weights in channels-last memory format (faster convolutions
+                on tensor-core GPUs; the same results within float rounding).
+            compile: `torch.compile` each denoiser in place (`nn.Module.compile`: parameter names
+                and checkpoints are unchanged); the first calls compile, which takes minutes at
+                full size.
+            compile_mode, compile_backend: `torch.compile`'s `mode` and `backend`.
+
+        Returns:
+            self.
+        """
+        for net in (self.unet, self.refinenet):
+            if net is None:
+                continue
+            if channels_last:
+                net.to(memory_format=torch.channels_last)
+            if compile:
+                net.compile(mode=compile_mode, backend=compile_backend)
+        return self
+
     # -- conditions -------------------------------------------------------------------------
     def _clip_hidden(self, clip_pixels: torch.Tensor) -> torch.Tensor:
         pixels = clip_pixels.to(device=self.image_encoder.device, dtype=self.image_encoder.dtype)
@@ -530,12 +590,18 @@ class LARGenModel(nn.Module):
         the same hidden states' patch tokens (CLS dropped) through the DetailEncoder (Eq. 8); None
         without a detail encoder.
         """
-        hidden = self._clip_hidden(clip_pixels)
+        pixels = clip_pixels.to(device=self.image_encoder.device, dtype=self.image_encoder.dtype)
+        states = self.image_encoder(pixels, output_hidden_states=True).hidden_states
+        hidden = states[-2]
         proj_dtype = self.image_proj.latents.dtype
         image_embeds = self.image_proj(hidden.to(proj_dtype))
         detail = None
         if self.detail_encoder is not None:
-            detail = self.detail_encoder(hidden[:, 1:].to(self.detail_encoder.dtype))
+            if self.detail_encoder.config.get("features", DETAIL_PENULTIMATE_PATCHES) == DETAIL_LAST_ALL:
+                features = states[-1]  # = CLIP's last_hidden_state (before post_layernorm), CLS kept
+            else:
+                features = hidden[:, 1:]
+            detail = self.detail_encoder(features.to(self.detail_encoder.dtype))
         return image_embeds, detail
 
     def null_image_embeds(self, batch_size: int) -> torch.Tensor:
@@ -598,6 +664,8 @@ class LARGenModel(nn.Module):
         beta: float | None = None,
         refine_latents: torch.Tensor | None = None,
         detail_embeds: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        refine_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the noise of `noisy_latents` (Eq. 11's epsilon_theta).
 
@@ -612,6 +680,9 @@ class LARGenModel(nn.Module):
             refine_latents: [B',4,h',w'] the subject latent noised to the same t, B' dividing B
                 (features are tiled in blocks of B'); None = Refine off.
             detail_embeds: [B',N,D'] detail tokens, required with `refine_latents`.
+            added_cond_kwargs: SDXL's added conditions for the main UNet (`text_embeds` [B,P]
+                pooled text, `time_ids` [B,6]); None for SD-1.5 UNets.
+            refine_added_cond_kwargs: the same for RefineNet, batch B' (`inference.sdxl`).
 
         Returns:
             [B,4,h,w] predicted noise.
@@ -654,7 +725,10 @@ class LARGenModel(nn.Module):
             self.bank.stop_after = self._refine_layers[-1] if self._refine_layers else None
             try:
                 ref_dtype = self.refinenet.conv_in.weight.dtype
-                self.refinenet(refine_latents.to(ref_dtype), ref_t, encoder_hidden_states=detail_embeds.to(ref_dtype))
+                self.refinenet(
+                    refine_latents.to(ref_dtype), ref_t, encoder_hidden_states=detail_embeds.to(ref_dtype),
+                    added_cond_kwargs=_cast_added(refine_added_cond_kwargs, ref_dtype),
+                )
             except RefineCaptured:
                 pass
             finally:
@@ -663,7 +737,9 @@ class LARGenModel(nn.Module):
             if missing:
                 raise RuntimeError(f"RefineNet pass did not reach layers {missing}")
         try:
-            return self.unet(sample, timesteps, encoder_hidden_states=context).sample
+            return self.unet(
+                sample, timesteps, encoder_hidden_states=context, added_cond_kwargs=_cast_added(added_cond_kwargs, dtype)
+            ).sample
         finally:
             if self.bank is not None:
                 self.bank.clear()

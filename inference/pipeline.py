@@ -45,7 +45,7 @@ from inference.loading import (
 )
 from inference.model import AssignAdapter, DetailEncoder, LARGenModel, plain_attention
 from inference.subject import prepare_subject
-from inference.zoom import DEFAULT_EXPANSION, crop_with_padding, mask_box, paste_back, zoom_box
+from inference.zoom import DEFAULT_EXPANSION, crop_resize, crop_with_padding, mask_box, paste_back, zoom_box
 
 MODE_TEXT = "text"
 MODE_SUBJECT = "subject"
@@ -241,7 +241,7 @@ class LARGenPipeline(DiffusionPipeline):
         Raises:
             CheckpointNotFoundError: a checkpoint cannot be found; ValueError: weights do not fit.
         """
-        base = load_inpaint_base(inpaint, torch_dtype=torch_dtype)
+        base = cls._load_inpaint_base(inpaint, torch_dtype)
         state = load_ip_adapter_state_dict(image_prompt, subfolder, weight_name)
         encoder, processor = load_image_encoder(image_prompt, _image_encoder_subfolder(subfolder, image_encoder_folder))
         if torch_dtype is not None:
@@ -249,6 +249,14 @@ class LARGenPipeline(DiffusionPipeline):
         model = LARGenModel(base.unet, AssignAdapter.from_published(state, base.unet), encoder.eval())
         if with_refine:
             model.add_refine(seed=seed)
+        return cls._from_base_pipeline(model, base, processor)
+
+    @classmethod
+    def _load_inpaint_base(cls, inpaint: str | os.PathLike, torch_dtype: torch.dtype | None):
+        return load_inpaint_base(inpaint, torch_dtype=torch_dtype)
+
+    @classmethod
+    def _from_base_pipeline(cls, model: LARGenModel, base, processor: CLIPImageProcessor) -> LARGenPipeline:
         return cls.from_model(
             model, base.vae, base.text_encoder, base.tokenizer, ddim_trailing(base.scheduler.config), processor
         )
@@ -287,6 +295,26 @@ class LARGenPipeline(DiffusionPipeline):
         ).input_ids.to(device)
         return self.text_encoder(ids)[0].to(self.unet.dtype)
 
+    # The three hooks below are where a backbone's text / added-condition handling differs; Locate,
+    # Assign, Refine, zoom-in and the sampling loop are this class's for every backbone (SDXL:
+    # `inference.sdxl.LARGenXLPipeline`).
+    def _encode_text(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cross-attention text tokens [1, 77, D], pooled text embedding or None) for `prompt`."""
+        return self.encode_prompt(prompt, device), None
+
+    def _added_conditions(self, pooled, null_pooled, crop_box, source_size, resolution, n, do_cfg, device) -> dict:
+        """Extra keyword arguments of `LARGenModel.forward` for this backbone (none for SD-1.5)."""
+        return {}
+
+    def default_beta(self, mode: str) -> float:
+        """The Assign strength of a call that passes no `beta` (paper Table 1: `DEFAULT_BETA`)."""
+        return DEFAULT_BETA[mode]
+
+    @property
+    def default_guidance_rescale(self) -> float:
+        """The `guidance_rescale` of a call that passes none (0: off)."""
+        return 0.0
+
     def _encode_vae(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
         # The mode, not a sample: the conditions are deterministic given the inputs.
@@ -296,6 +324,35 @@ class LARGenPipeline(DiffusionPipeline):
     def resolution(self) -> int:
         """The model's native square resolution in pixels."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def optimize(self, dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
+                 compile_mode: str | None = None, compile_backend: str = "inductor") -> LARGenPipeline:
+        """Speed options (`largen inpaint --dtype/--channels-last/--compile`); `make bench-gpu` measures each.
+
+        Args:
+            dtype: cast every component, e.g. torch.float16 or torch.bfloat16 on a GPU (None: keep).
+            channels_last: channels-last convolution weights in the UNet, RefineNet and the VAE.
+            compile: `torch.compile` the UNet and RefineNet in place (`LARGenModel.optimize`).
+            compile_mode, compile_backend: `torch.compile`'s `mode` and `backend`.
+
+        Returns:
+            self, for chaining after `from_pretrained(...).to(device)`.
+        """
+        if dtype is not None and dtype != self.unet.dtype:
+            from diffusers.utils import logging as diffusers_logging
+
+            # diffusers warns on every cast that no module "should be kept in float32" (an empty list).
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()
+            try:
+                self.to(dtype=dtype)
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        self.model.optimize(channels_last=channels_last, compile=compile, compile_mode=compile_mode,
+                            compile_backend=compile_backend)
+        return self
 
     # ------------------------------------------------------------------ call
     def check_inputs(
@@ -349,7 +406,7 @@ class LARGenPipeline(DiffusionPipeline):
         zoom_expansion: float = DEFAULT_EXPANSION,
         negative_prompt: str | None = None,
         use_refine: bool = True,
-        guidance_rescale: float = 0.0,
+        guidance_rescale: float | None = None,
         num_images_per_prompt: int = 1,
         resolution: int | None = None,
         paste_dilation: int | None = None,
@@ -376,6 +433,8 @@ class LARGenPipeline(DiffusionPipeline):
             negative_prompt: replaces the null text in the unconditional branch (the image stays null).
             use_refine: use RefineNet when the pipeline has one and a subject is given.
             guidance_rescale: rescale of the guided noise (0 = off; the official release uses 0.5).
+                None: the pipeline's default (`default_guidance_rescale`: 0 here, the converted
+                official SDXL weights' 0.5 there).
             num_images_per_prompt: images per call.
             resolution: side of the square the model works at; default the UNet's native size.
             paste_dilation, paste_feather: paste-back mask growth and soft-edge radius in pixels
@@ -397,7 +456,12 @@ class LARGenPipeline(DiffusionPipeline):
             prompt, subject_image, beta, guidance_scale, num_inference_steps, resolution,
             callback_on_step_end_tensor_inputs, output_type,
         )
-        beta = DEFAULT_BETA[mode] if beta is None else float(beta)
+        beta = self.default_beta(mode) if beta is None else float(beta)
+        if guidance_rescale is None:
+            guidance_rescale = self.default_guidance_rescale
+        _check_real("guidance_rescale", guidance_rescale)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         source = _as_rgb(image, "image")
         mask = _as_mask(mask_image, source.size)
         box = mask_box(mask)
@@ -412,14 +476,16 @@ class LARGenPipeline(DiffusionPipeline):
             side = max(source.size)
             left, top = (source.width - side) // 2, (source.height - side) // 2
             crop_box = (left, top, left + side, top + side)
-        crop = crop_with_padding(source, crop_box, fill=(0, 0, 0)).resize((resolution, resolution), Image.Resampling.LANCZOS)
+        # The trainer's own crop + resize (`crop_resize`), so the model sees what it was trained on.
+        crop_pixels, crop_box = crop_resize(source, crop_box, resolution)  # the box snaps to its reduction's grid
+        crop = Image.fromarray(crop_pixels)
         crop_mask = crop_with_padding(mask, crop_box, fill=0).resize((resolution, resolution), Image.Resampling.BILINEAR)
         # Any partial coverage counts as masked, so thin masks survive the downscale.
         mask_px = torch.from_numpy(np.asarray(crop_mask) > 0).float()[None, None]
 
         # 3. Encode the prompts: null text = "" tokens (Eq. 12), or the negative prompt
-        text = self.encode_prompt(prompt or "", device)
-        null_text = self.encode_prompt(negative_prompt or "", device)
+        text, pooled = self._encode_text(prompt or "", device)
+        null_text, null_pooled = self._encode_text(negative_prompt or "", device)
 
         # 4. Encode the subject: image tokens (Assign), detail tokens + subject latent (Refine)
         refine = None
@@ -459,6 +525,7 @@ class LARGenPipeline(DiffusionPipeline):
         copies = 2 if do_cfg else 1
         mask_in = torch.cat([mask_latent] * copies)
         masked_in = torch.cat([masked_latents] * copies)
+        added = self._added_conditions(pooled, null_pooled, crop_box, source.size, resolution, n, do_cfg, device)
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator
@@ -477,7 +544,8 @@ class LARGenPipeline(DiffusionPipeline):
                         detail_embeds=detail,
                     )
                 noise_pred = self.model(
-                    model_in, t.expand(model_in.shape[0]), mask_in, masked_in, cond_text, cond_image, beta=beta, **refine_kwargs
+                    model_in, t.expand(model_in.shape[0]), mask_in, masked_in, cond_text, cond_image, beta=beta,
+                    **refine_kwargs, **added,
                 )
                 if do_cfg:
                     uncond, cond = noise_pred.chunk(2)

@@ -1,4 +1,4 @@
-"""Recipes for the tiny offline inference checkpoints (SD-1.5-inpainting, IP-Adapter-Plus SD 1.5).
+"""Recipes for the tiny offline inference checkpoints (SD-1.5 and SDXL inpainting, IP-Adapter-Plus for each).
 
 Each builder writes, into an existing empty folder, a checkpoint laid out exactly like the real
 one it stands in for, so `inference.loading` loads both with the same code. Fixed seeds,
@@ -265,8 +265,146 @@ def build_largen_pipeline(out: Path) -> None:
         pipe.save_pretrained(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# SDXL: the same recipes at SDXL's layout (two text encoders, text_time added embedding, 9-channel
+# UNet with linear projections and several transformer layers per block), for `inference.sdxl`.
+# ---------------------------------------------------------------------------------------------
+
+SDXL_TEXT_DIMS = (32, 32)  # text_encoder, text_encoder_2 hidden sizes: cross-attention dim = their sum
+SDXL_POOLED_DIM = 32  # text_encoder_2's projection (the pooled text embedding)
+SDXL_TIME_EMBED_DIM = 8  # per added time id (SDXL: 256)
+
+SDXL_UNET_CONFIG: dict = {
+    "sample_size": IMAGE_SIZE // 8,
+    "in_channels": 9,
+    "out_channels": 4,
+    # SDXL's shape: no attention at the highest resolution, cross-attention below, deeper transformers lower.
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": sum(SDXL_TEXT_DIMS),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
+    "norm_num_groups": 32,
+}
+
+SDXL_VAE_CONFIG: dict = {**VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
+
+# SDXL's scheduler_config.json (EulerDiscrete there; LAR-Gen swaps in DDIM trailing).
+SDXL_SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+SDXL_RESAMPLER_CONFIG: dict = {**RESAMPLER_CONFIG, "output_dim": SDXL_UNET_CONFIG["cross_attention_dim"]}
+
+
+def _tiny_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SEED + 40)
+    return UNet2DConditionModel(**SDXL_UNET_CONFIG)
+
+
+def build_sdxl_inpainting(out: Path) -> None:
+    """`diffusers/stable-diffusion-xl-1.0-inpainting-0.1` layout: vae, text_encoder(_2), tokenizer(_2), unet, scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet = _tiny_sdxl_unet()
+    torch.manual_seed(SEED + 41)
+    vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    tok_src = out / ".tokenizer-src"
+    _write_tokenizer_files(tok_src)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_src, model_max_length=77)
+    # SDXL's second tokenizer pads with "!" instead of <|endoftext|>; the token id differs, the files match.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_src, model_max_length=77, pad_token="!")
+    vocab, _ = _clip_bpe_vocab()
+    encoders = []
+    for i, (cls, hidden) in enumerate(((CLIPTextModel, SDXL_TEXT_DIMS[0]), (CLIPTextModelWithProjection, SDXL_TEXT_DIMS[1]))):
+        tok = (tokenizer, tokenizer_2)[i]
+        torch.manual_seed(SEED + 42 + i)
+        config = CLIPTextConfig(
+            vocab_size=len(vocab), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **{**TEXT_ENCODER_CONFIG, "hidden_size": hidden, "projection_dim": SDXL_POOLED_DIM},
+        )
+        encoders.append(cls(config).eval())
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        _write_tokenizer_files(out / name)
+    for f in tok_src.iterdir():
+        f.unlink()
+    tok_src.rmdir()
+
+
+def ip_adapter_sdxl_state_dict() -> dict[str, torch.Tensor]:
+    """Tiny IP-Adapter-Plus SDXL weights in the published flat layout, sized for the tiny SDXL UNet."""
+    from inference.model import AssignAdapter
+
+    torch.manual_seed(SEED + 50)
+    adapter = AssignAdapter.for_unet(
+        _tiny_sdxl_unet(),
+        image_embed_dim=SDXL_RESAMPLER_CONFIG["embedding_dim"],
+        resampler_dim=SDXL_RESAMPLER_CONFIG["dim"],
+        resampler_heads=SDXL_RESAMPLER_CONFIG["heads"],
+        num_tokens=SDXL_RESAMPLER_CONFIG["num_queries"],
+    )
+    _randomize_norms(adapter)
+    return adapter.published_state_dict()
+
+
+def build_ip_adapter_sdxl(out: Path) -> None:
+    """`h94/IP-Adapter` SDXL layout: sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors + the ViT-H models/image_encoder/."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    (out / "sdxl_models").mkdir()
+    save_file(
+        ip_adapter_sdxl_state_dict(), str(out / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors"),
+        metadata={"format": "pt"},
+    )
+    torch.manual_seed(SEED + 51)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).eval()
+    encoder.save_pretrained(out / "models" / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor(size=IMAGE_ENCODER_IMAGE_SIZE, crop_size=IMAGE_ENCODER_IMAGE_SIZE).save_pretrained(
+        out / "models" / "image_encoder"
+    )
+
+
+def build_largen_xl_pipeline(out: Path) -> None:
+    """A complete SDXL LAR-Gen pipeline folder (`LARGenXLPipeline`), from the two tiny SDXL bases via `from_base`."""
+    import tempfile
+
+    from inference.sdxl import LARGenXLPipeline
+
+    with tempfile.TemporaryDirectory(prefix="largen-xl-bases-") as scratch:
+        bases = Path(scratch)
+        for name, builder in (("sdxl-inpainting", build_sdxl_inpainting), ("ip-adapter-sdxl", build_ip_adapter_sdxl)):
+            (bases / name).mkdir()
+            builder(bases / name)
+        pipe = LARGenXLPipeline.from_base(bases / "sdxl-inpainting", bases / "ip-adapter-sdxl", seed=SEED + 60)
+        pipe.save_pretrained(out)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd-inpainting": build_sd_inpainting,
     "ip-adapter": build_ip_adapter,
     "largen-pipeline": build_largen_pipeline,
+    "sdxl-inpainting": build_sdxl_inpainting,
+    "ip-adapter-sdxl": build_ip_adapter_sdxl,
+    "largen-xl-pipeline": build_largen_xl_pipeline,
 }

@@ -35,7 +35,11 @@ def expand_path(value: str) -> str:
 
 
 class BaseModels(StrictModel):
-    """The untrained starting point of stage 1: SD-1.5-inpainting + IP-Adapter-Plus (hub ids or folders)."""
+    """The untrained starting point of stage 1: SD-1.5-inpainting + IP-Adapter-Plus (hub ids or folders).
+
+    The backbone follows `inpaint`: an SDXL-inpainting pipeline (`stage1-sdxl.yaml`) trains SDXL
+    LAR-Gen, with the IP-Adapter-Plus SDXL ViT-H weights named by the other keys.
+    """
 
     inpaint: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
     image_prompt: str = Field("h94/IP-Adapter", description="IP-Adapter repo or folder in its layout")
@@ -116,6 +120,11 @@ class DataConfig(StrictModel):
     shuffle_buffer: int = Field(1000, ge=1)
     shuffle_initial: int = Field(100, ge=1)
     max_consecutive_failures: int = Field(1000, ge=1, description="stop when this many samples in a row fail")
+    caption: Literal["regional", "global"] = Field(
+        "regional",
+        description="which caption conditions the text: the instance's (the paper) or the whole image's (its "
+        "Table 2 baseline; needs shards mined with caption.mode global or both)",
+    )
     zoom: ZoomConfig = ZoomConfig()
     mask: MaskAugConfig = MaskAugConfig()
     dropout: DropoutConfig = DropoutConfig()
@@ -142,6 +151,10 @@ class OptimConfig(StrictModel):
     """Optimisation: AdamW, warmup, accumulation, precision."""
 
     max_steps: int = Field(20_000, ge=1, description="optimizer steps")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw (torch) or adamw8bit (bitsandbytes' 8-bit states: a quarter of AdamW's "
+        "state memory; needs `pip install bitsandbytes` and a CUDA GPU)",
+    )
     learning_rate: float = Field(1e-5, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     lr_warmup_steps: int = Field(500, ge=0)
@@ -153,6 +166,10 @@ class OptimConfig(StrictModel):
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    channels_last: bool = Field(False, description="channels-last convolution weights in the UNet and RefineNet "
+                                "(faster on tensor-core GPUs)")
+    compile: bool = Field(False, description="torch.compile the UNet and RefineNet in place (GPU; the first "
+                          "steps compile)")
     seed: int = 0
     vae_latents: Literal["sample", "mode"] = Field(
         "sample", description="encode images with a posterior sample (SD practice) or its mode (deterministic)"

@@ -17,13 +17,12 @@ Stage 2 (`run_refine_check`) starts from a stage-1 export and trains RefineNet's
 and the detail encoder (beta 0.3, paper 4.4) on the "pattern" task: a random black/white grid per
 sample and the same caption for all, so only the subject's spatial layout tells one hole from
 another. It compares, inside the hole, the stage-2 model with Refine on (true subject), Refine on
-with a shuffled subject, Refine on with only RefineNet's subject input shuffled (Assign keeps the
-true subject), and Refine off (the frozen stage-1 UNet, same beta). The main UNet never saw such
-patterns and stays frozen, so Refine off is exactly the stage-1 model: on < off shows what the
-trained RefineNet adds. on(true) < on(RefineNet input shuffled) would show that the gain is this
-sample's detail; at this scale it is not (ratio 0.9986-0.9998 over 5 seeds, docs/training.md), so
-only on < off is asserted. (A whole-subject shuffle is no test of Refine: it also changes what
-Assign sees, which alone moves that ratio.)
+with a shuffled subject, Refine on with only RefineNet's inputs shuffled (its noisy subject latents
+and the detail encoder's tokens; Assign keeps the true subject), and Refine off (the frozen stage-1
+UNet, same beta). The main UNet never saw such patterns and stays frozen, so Refine off is exactly
+the stage-1 model: on < off shows what the trained RefineNet adds, and on(true) < on(RefineNet's
+inputs shuffled) shows that what it adds is this sample's detail. (A whole-subject shuffle is no
+test of Refine: it also changes what Assign sees, which alone moves that ratio.)
 
 Why fixed timesteps (`EVAL_TIMESTEPS`): the loss is an epsilon-prediction error, and how much a
 condition can lower it depends on the noise level. At small t the noisy latent itself shows most
@@ -61,11 +60,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from inference.model import LARGenModel
-from inference.pipeline import LARGenPipeline
+from inference.sdxl import load_largen_pipeline
 from training.config import DataConfig, TrainConfig
 from training.data import QuadrupletStream, TrainingExampleBuilder, make_dataloader, pixels_to_unit_range
 from training.synthetic import write_synthetic_shards
-from training.train import evaluation_loss, train
+from training.train import evaluation_loss, rewrap, train
 
 # Steps of the test's runs (tests/training/test_learns.py; bench_train.py learn's defaults).
 LEARN_STEPS = 400
@@ -110,15 +109,14 @@ def calibrated_pipeline(source: str | Path, dest: Path, pixel_batches: list[torc
     `CHANNELS_PER_NORM_GROUP` channels per group (`regroup_norms`). A RefineNet in `source` is
     left out: stage 1 trains without one, and stage 2 copies it from the trained main UNet.
     """
-    pipe = LARGenPipeline.from_pretrained(source)
+    pipe = load_largen_pipeline(source)
     pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(pipe.vae, pixel_batches))
     model = pipe.model
     if model.has_refine:
         model.unet.set_attn_processor(AttnProcessor2_0())  # drop the Refine injection processors
         model = LARGenModel(model.unet, model.ip_adapter, model.image_encoder)
     regroup_norms(model.unet)
-    LARGenPipeline.from_model(model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                              pipe.feature_extractor).save_pretrained(dest)
+    rewrap(pipe, model).save_pretrained(dest)  # SD-1.5 or SDXL, as `source`
     return dest
 
 
@@ -138,7 +136,8 @@ def _batches(shards: list[str], pipe, resolution: int, count: int, batch_size: i
         **CHECK_AUGMENTATION,
     })
     builder = TrainingExampleBuilder(cfg, pipe.tokenizer, pipe.image_encoder.config.image_size, resolution,
-                                     pipe.feature_extractor, refine=refine)
+                                     pipe.feature_extractor, refine=refine,
+                                     tokenizer_2=getattr(pipe, "tokenizer_2", None))  # SDXL's second tokenizer
     return list(itertools.islice(iter(make_dataloader(QuadrupletStream(cfg, builder, seed=7))), count))
 
 
@@ -185,7 +184,7 @@ def run_learning_check(
                                     size=64, seed=seed, task="colour")
     held_out = write_synthetic_shards(work / "eval", num_shards=1, samples_per_shard=eval_batches * batch_size,
                                       size=64, seed=seed + 1000, task="colour")
-    probe = LARGenPipeline.from_pretrained(base_pipeline)
+    probe = load_largen_pipeline(base_pipeline)
     pixel_batches = [pixels_to_unit_range(b["pixel_values"]) for b in _batches(shards, probe, resolution, 4, batch_size)]
     pipeline_dir = calibrated_pipeline(base_pipeline, work / "calibrated-pipeline", pixel_batches)
     cfg = _train_config(1, pipeline_dir, shards, work / "run", 1.0, resolution, batch_size, steps, learning_rate,
@@ -208,11 +207,11 @@ def run_learning_check(
             })
         return out
 
-    before = evaluate(LARGenPipeline.from_pretrained(pipeline_dir), full=False)
+    before = evaluate(load_largen_pipeline(pipeline_dir), full=False)
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    after = evaluate(LARGenPipeline.from_pretrained(result.export_dir), full=True)
+    after = evaluate(load_largen_pipeline(result.export_dir), full=True)
     report = {
         "stage": 1, "steps": steps, "resolution": resolution, "batch_size": batch_size, "learning_rate": learning_rate,
         "seed": seed, "dropout": dropout, "timesteps": list(timesteps), "train_seconds": round(seconds, 1),
@@ -242,9 +241,9 @@ def run_refine_check(
     Returns:
         dict with train_loss_first10/last10, the losses inside the mask (`after`: `refine_true`,
         `refine_shuffled` (another sample's subject), `refine_detail_shuffled` (another sample's
-        subject for RefineNet only), `off_true` / `off_shuffled` (Refine off)), the
+        subject for RefineNet's inputs only), `off_true` / `off_shuffled` (Refine off)), the
         ratios `refine_vs_off`, `refine_vs_shuffled` and `refine_vs_detail_shuffled` (only
-        RefineNet's input shuffled), train_seconds, `export_dir`.
+        RefineNet's inputs shuffled), train_seconds, `export_dir`.
     """
     work = Path(work_dir)
     shards = write_synthetic_shards(work / "train", num_shards=4, samples_per_shard=train_samples // 4,
@@ -256,7 +255,7 @@ def run_refine_check(
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    pipe = LARGenPipeline.from_pretrained(result.export_dir)
+    pipe = load_largen_pipeline(result.export_dir)
     batches = _batches(held_out, pipe, resolution, eval_batches, batch_size, refine=True)
     model = pipe.model.eval()
 

@@ -56,6 +56,10 @@ TASKS = ("object", "colour", "pattern")
 # Cells per side of the "pattern" task's random black/white grid. Two: at the learning check's 16 px
 # the latent is 2 x 2, so one cell per latent position is the finest detail the loss can show.
 PATTERN_CELLS = 2
+# The square holes' corners and sides are multiples of this, so that the loader's crop of the hole
+# (`inference.zoom.crop_resize` snaps a crop box to the grid of the JPEG's reduced decoding scale, 2
+# for these holes at the checks' 16 px) is the hole exactly, with no rim of scene around it.
+HOLE_GRID = 4
 
 
 def _meta(seed: int, index: int, size: int, box: tuple[int, int, int, int], tag: str, mask: Image.Image,
@@ -126,7 +130,7 @@ def _square_hole_quadruplet(index: int, size: int, seed: int, task: str) -> Quad
     scene = np.clip(grey[..., None] + nprng.normal(0, 10, (size, size, 3)), 0, 255)
     if task == "colour":
         # A large hole (56-75 % of the side), so that with a tight zoom-in it fills most of the crop.
-        side = rng.randint(size * 9 // 16, size * 3 // 4)
+        side = HOLE_GRID * rng.randint(size * 9 // 16 // HOLE_GRID, size * 3 // 4 // HOLE_GRID)
         name = rng.choice(list(SATURATED))
         fill = np.broadcast_to(np.array(SATURATED[name], np.float32), (side, side, 3))
         # The colour word three times: one word moves the tiny text encoder's output only a little
@@ -140,7 +144,7 @@ def _square_hole_quadruplet(index: int, size: int, seed: int, task: str) -> Quad
         bits = np.kron(cells, np.ones((side // PATTERN_CELLS, side // PATTERN_CELLS)))
         fill = np.where(bits[..., None] > 0, 245.0, 10.0) * np.ones(3, np.float32)
         text = f"a black and white {noun}"
-    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    x0, y0 = (HOLE_GRID * rng.randint(0, (size - side) // HOLE_GRID) for _ in range(2))
     box = (x0, y0, x0 + side, y0 + side)
     scene[y0 : y0 + side, x0 : x0 + side] = fill
     source = Image.fromarray(np.rint(scene).astype(np.uint8), mode="RGB")

@@ -16,6 +16,7 @@ loader is deterministic in its position, so 2 steps + resume + 2 steps equals 4 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -46,6 +47,13 @@ from dataengine.typed_config import ConfigError
 from inference.loading import CheckpointNotFoundError, _looks_like_local_path
 from inference.model import LARGenModel
 from inference.pipeline import LARGenPipeline
+from inference.sdxl import (
+    LARGenXLPipeline,
+    encode_sdxl_ids,
+    load_largen_pipeline,
+    pipeline_class_name,
+    sdxl_time_ids,
+)
 from training.config import TrainConfig, load_train_config
 from training.data import (
     LoaderState,
@@ -109,8 +117,12 @@ class ConditionedDenoiser(nn.Module):
         self.use_refine = use_refine
 
     def forward(self, noisy_latents, timesteps, mask, masked_latents, text_embeds, clip_pixels, drop_image,
-                refine_latents=None):
+                refine_latents=None, detail_clip_pixels=None, added_cond_kwargs=None, refine_added_cond_kwargs=None):
+        # `detail_clip_pixels`: a different subject for the detail encoder only (RefineNet's cross-attention),
+        # which the checks use to separate what Refine brings from what Assign brings; None: the same subject.
         image_embeds, detail_embeds = self.model.encode_subject(clip_pixels)
+        if detail_clip_pixels is not None and self.use_refine:
+            detail_embeds = self.model.encode_subject(detail_clip_pixels)[1]
         if drop_image.any():
             null = self.model.null_image_embeds(image_embeds.shape[0]).to(image_embeds.dtype)
             image_embeds = torch.where(drop_image[:, None, None], null, image_embeds)
@@ -118,7 +130,56 @@ class ConditionedDenoiser(nn.Module):
             noisy_latents, timesteps, mask, masked_latents, text_embeds, image_embeds, beta=self.beta,
             refine_latents=refine_latents if self.use_refine else None,
             detail_embeds=detail_embeds if self.use_refine else None,
+            added_cond_kwargs=added_cond_kwargs,
+            refine_added_cond_kwargs=refine_added_cond_kwargs if self.use_refine else None,
         )
+
+
+class SDXLTextConditions(nn.Module):
+    """SDXL's text and added conditions of a batch, for `predict_noise` in place of the text encoder.
+
+    Both (frozen) text encoders give the cross-attention tokens and the pooled embedding
+    (`inference.sdxl.encode_sdxl_ids`, as the pipeline), and each sample's added time ids come from
+    its own crop (`crop_box`, `source_size` of the loader, `inference.sdxl.sdxl_time_ids`), so
+    training sees the micro-conditioning the pipeline gives that crop. RefineNet gets the pooled
+    embedding of the empty text, as in the pipeline.
+    """
+
+    def __init__(self, pipe: LARGenXLPipeline, resolution: int):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
+        self.resolution = resolution
+        self.empty_ids = [
+            tok("", padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)
+        ]
+
+    def forward(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict, dict]:
+        """(text tokens [B, L, D], added_cond_kwargs, refine_added_cond_kwargs) of a collated batch."""
+        tokens, pooled = encode_sdxl_ids(self.text_encoder, self.text_encoder_2, batch["input_ids"].to(device),
+                                         batch["input_ids_2"].to(device))
+        ids = [sdxl_time_ids(box.tolist(), tuple(size.tolist()), self.resolution)
+               for box, size in zip(batch["crop_box"], batch["source_size"])]
+        time_ids = torch.tensor(ids, device=device, dtype=torch.float32)  # sizes > 256 are not exact in bf16
+        empty = encode_sdxl_ids(self.text_encoder, self.text_encoder_2, *(t.to(device) for t in self.empty_ids))[1]
+        return (tokens, {"text_embeds": pooled, "time_ids": time_ids},
+                {"text_embeds": empty.expand(pooled.shape[0], -1), "time_ids": time_ids})
+
+
+def text_conditions(pipe: LARGenPipeline, resolution: int) -> nn.Module:
+    """What `predict_noise` encodes captions with: the text encoder (SD-1.5) or `SDXLTextConditions`."""
+    return SDXLTextConditions(pipe, resolution) if isinstance(pipe, LARGenXLPipeline) else pipe.text_encoder
+
+
+def rewrap(pipe: LARGenPipeline, model: LARGenModel) -> LARGenPipeline:
+    """A pipeline of `pipe`'s class and components around `model` (SDXL keeps its second encoder and defaults)."""
+    extra: dict[str, Any] = {}
+    if isinstance(pipe, LARGenXLPipeline):
+        extra = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2,
+                 **{k: pipe.config[k] for k in ("beta_text", "beta_subject", "beta_text_subject", "guidance_rescale")
+                    if k in pipe.config}}
+    return type(pipe).from_model(model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                 pipe.feature_extractor, **extra)
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
@@ -233,6 +294,8 @@ def preflight(cfg: TrainConfig, resume_from_checkpoint: str | None) -> tuple[Pat
         raise TrainInputError(f"output.dir {str(out_dir)!r} is an existing file, not a folder")
     resume_path = resolve_resume(out_dir, resume_from_checkpoint, stage=cfg.stage)
     check_model_source(cfg)
+    if cfg.optim.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        make_optimizer([], cfg.optim)  # raises its one-line error before anything is loaded
     shards = check_shards(cfg.data.shards, "data.shards")
     if cfg.validation.every and cfg.validation.shards:
         check_shards(cfg.validation.shards, "validation.shards")
@@ -247,31 +310,49 @@ def load_model(cfg: TrainConfig) -> tuple[LARGenPipeline, LARGenModel]:
     from the trained main UNet, paper 4.4). Stage 2 adds RefineNet, copied from the main UNet, and
     a new detail encoder, unless the pipeline already has them (continuing a stage 2).
 
+    The backbone follows the starting folder: an SDXL-inpainting base (`model_index.json` of a
+    `StableDiffusionXLInpaintPipeline`) or an SDXL LAR-Gen folder (`LARGenXLPipeline`) trains SDXL.
+
     Returns:
         (pipeline, its model); the pipeline is what the export saves.
     """
     if cfg.model.base is not None:
         b = cfg.model.base
-        pipe = LARGenPipeline.from_base(
+        xl = pipeline_class_name(b.inpaint) == "StableDiffusionXLInpaintPipeline"
+        pipe = (LARGenXLPipeline if xl else LARGenPipeline).from_base(
             b.inpaint, b.image_prompt, subfolder=b.subfolder, weight_name=b.weight_name,
             image_encoder_folder=b.image_encoder, with_refine=False, seed=cfg.optim.seed,
         )
     else:
-        pipe = LARGenPipeline.from_pretrained(cfg.model.pretrained)
+        pipe = load_largen_pipeline(cfg.model.pretrained)
     model = LARGenModel.from_pipeline(pipe)
     if cfg.stage == 1 and model.has_refine:
         logger.info("stage 1 trains without Refine: leaving out the RefineNet of %s", cfg.model.pretrained)
         model.unet.set_attn_processor(AttnProcessor2_0())  # drop the Refine injection processors
         model = LARGenModel(model.unet, model.ip_adapter, model.image_encoder)
-        pipe = LARGenPipeline.from_model(
-            model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.feature_extractor
-        )
+        pipe = rewrap(pipe, model)
     if cfg.stage == 2 and not model.has_refine:
         model.add_refine(seed=cfg.optim.seed)  # RefineNet initialised from the (stage-1) main UNet
-        pipe = LARGenPipeline.from_model(
-            model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.feature_extractor
-        )
+        pipe = rewrap(pipe, model)
     return pipe, model
+
+
+def make_optimizer(params: list[nn.Parameter], opt) -> torch.optim.Optimizer:
+    """AdamW over `params`: torch's, or bitsandbytes' 8-bit AdamW (`optim.optimizer: adamw8bit`).
+
+    Raises:
+        TrainInputError: adamw8bit without bitsandbytes installed.
+    """
+    kwargs = {"lr": opt.learning_rate, "betas": (opt.adam_beta1, opt.adam_beta2),
+              "weight_decay": opt.adam_weight_decay, "eps": opt.adam_epsilon}
+    if opt.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise TrainInputError("optim.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes; "
+                                  "CUDA GPU), or use optim.optimizer=adamw") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def freeze_for_stage(model: LARGenModel, stage: int) -> list[tuple[str, nn.Parameter]]:
@@ -338,6 +419,12 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
         )
     except ValueError as exn:  # e.g. fp16 without a GPU
         raise TrainInputError(f"optim.mixed_precision={opt.mixed_precision}: {describe_error(exn)}") from None
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        # ZeRO (training/accelerate/deepspeed-zero2.yaml): the loader is not passed to prepare(), so
+        # DeepSpeed learns the micro-batch from here, and clips by the stage's own norm.
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = opt.max_grad_norm
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -351,7 +438,8 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
         key = "model.pretrained" if cfg.model.pretrained is not None else "model.base"
         source = cfg.model.pretrained or cfg.model.base.inpaint
         raise TrainInputError(f"{key} {source!r} cannot be loaded: {describe_error(exn)}") from None
-    vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+    vae, tokenizer = pipe.vae, pipe.tokenizer
+    text_encoder = text_conditions(pipe, cfg.data.resolution)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     trainable = freeze_for_stage(model, cfg.stage)
     trainable_names = [n for n, _ in trainable]
@@ -385,16 +473,15 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
             # self-attention without them in backward: checkpoint RefineNet only.
             model.refinenet.enable_gradient_checkpointing()
             logger.info("stage 2: gradient checkpointing on RefineNet only (the main UNet keeps its activations)")
+    # Speed options (`make bench-gpu` measures them); after checkpointing, which they must wrap.
+    model.optimize(channels_last=opt.channels_last, compile=opt.compile)
     denoiser = ConditionedDenoiser(model, beta=cfg.model.beta, use_refine=cfg.stage == 2)
     ema = EMAModel(params, decay=opt.ema.decay) if opt.ema.enabled else None
     if ema is not None:
         ema.to(device)
 
     # 3. Optimizer and LR schedule (AdamW; the scheduler steps once per process per optimizer step).
-    optimizer = torch.optim.AdamW(
-        params, lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),
-        weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon,
-    )
+    optimizer = make_optimizer(params, opt)
     lr_scheduler = get_scheduler(
         opt.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
@@ -458,6 +545,7 @@ def train(cfg: TrainConfig, resume_from_checkpoint: str | None = None) -> TrainR
     builder = TrainingExampleBuilder(
         cfg.data, tokenizer, clip_size=image_size, refine_size=cfg.data.resolution,
         image_processor=pipe.feature_extractor, refine=cfg.stage == 2,  # stage 1 has no RefineNet input
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
     )
     stream = QuadrupletStream(
         cfg.data, builder, seed=opt.seed + (global_step if loader_state.cursors == {} and global_step else 0),
@@ -650,7 +738,11 @@ def predict_noise(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder,
         # SD-inpainting convention (as the pipeline): the masked image is the image with the hole at 0.
         masked_latents = encode(pixel_values * (1.0 - mask_px))
         mask = F.interpolate(mask_px.to(weight_dtype), size=latents.shape[-2:])
-        text_embeds = text_encoder(batch["input_ids"].to(device))[0]
+        added = refine_added = None
+        if isinstance(text_encoder, SDXLTextConditions):
+            text_embeds, added, refine_added = text_encoder(batch, device)
+        else:
+            text_embeds = text_encoder(batch["input_ids"].to(device))[0]
         if timesteps is None:
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device,
                                       generator=gen)
@@ -667,8 +759,10 @@ def predict_noise(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder,
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+    detail = batch.get("detail_clip_pixels")
     pred = denoiser(noisy, timesteps, mask, masked_latents, text_embeds, batch["clip_pixels"].to(device),
-                    batch["drop_image"].to(device), refine_latents)
+                    batch["drop_image"].to(device), refine_latents, None if detail is None else detail.to(device),
+                    added, refine_added)
     return pred, target, mask
 
 
@@ -749,8 +843,8 @@ def evaluation_loss(
     Args:
         shuffle_conditions: which conditions each scene takes from another sample of its batch
             (rolled by one): "text", "image" (the subject, for Assign and Refine alike), "refine"
-            (only RefineNet's subject input: Assign keeps the true subject, so what changes is
-            the detail Refine brings) or "both"; True means "both", False none. A model that uses
+            (only RefineNet's subject inputs, its noisy subject latents and the detail encoder's
+            tokens: Assign keeps the true subject, so what changes is the detail Refine brings) or "both"; True means "both", False none. A model that uses
             a condition scores worse without it.
         region: "all" (Eq. 11 as trained) or "mask" (only the latents inside m*, where the
             conditions decide the content).
@@ -773,9 +867,10 @@ def evaluation_loss(
     if conditions not in ("both", "text", "image"):
         raise ValueError(f"conditions must be 'both', 'text' or 'image', got {conditions!r}")
     shuffle = {True: "both", False: "none"}.get(shuffle_conditions, shuffle_conditions)
-    rolled = {"none": (), "text": ("input_ids", "drop_text"), "image": ("clip_pixels", "refine_pixels", "drop_image"),
+    rolled = {"none": (), "text": ("input_ids", "input_ids_2", "drop_text"),
+              "image": ("clip_pixels", "refine_pixels", "drop_image"),
               "refine": ("refine_pixels",),
-              "both": ("input_ids", "drop_text", "clip_pixels", "refine_pixels", "drop_image")}.get(shuffle)
+              "both": ("input_ids", "input_ids_2", "drop_text", "clip_pixels", "refine_pixels", "drop_image")}.get(shuffle)
     if rolled is None:
         raise ValueError(
             f"shuffle_conditions must be a bool, 'text', 'image', 'refine' or 'both', got {shuffle_conditions!r}")
@@ -786,16 +881,25 @@ def evaluation_loss(
     vae, scaling = pipe.vae, pipe.vae.config.scaling_factor
     empty_ids = pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                truncation=True, return_tensors="pt").input_ids
+    texts = None  # built at the first batch, whose resolution SDXL's time ids need
 
     total, weight = 0.0, 0.0
     for i, batch in enumerate(batches):
         batch = dict(batch)
+        if shuffle == "refine":  # RefineNet's whole input: its noisy subject and its detail tokens
+            batch["detail_clip_pixels"] = torch.roll(batch["clip_pixels"], shifts=1, dims=0)
         for name in rolled:
             if name in batch:  # stage-1 batches carry no refine_pixels
                 batch[name] = torch.roll(batch[name], shifts=1, dims=0)
         bsz = batch["input_ids"].shape[0]
         if conditions == "image":
             batch["input_ids"] = empty_ids.expand(bsz, -1)
+            if "input_ids_2" in batch:
+                batch["input_ids_2"] = pipe.tokenizer_2(
+                    "", padding="max_length", max_length=pipe.tokenizer_2.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.expand(bsz, -1)
+        if texts is None:
+            texts = text_conditions(pipe, batch["pixel_values"].shape[-1])
         if conditions != "both":
             batch["drop_image"] = torch.full((bsz,), conditions == "text")
         # Fixed timesteps: the same batch at each of them, each with its own fixed noise.
@@ -803,7 +907,7 @@ def evaluation_loss(
                                                    for t in timesteps]
         for k, ts in enumerate(levels):
             gen = step_generator(seed, i, 0 if ts is None else k + 1, 0, device)
-            pred, target, mask = predict_noise(denoiser, batch, vae, pipe.text_encoder, scheduler, gen, scaling,
+            pred, target, mask = predict_noise(denoiser, batch, vae, texts, scheduler, gen, scaling,
                                                vae.dtype, device, 2 if use_refine else 1, vae_latents, timesteps=ts)
             err = (pred.float() - target.float()) ** 2
             w = mask.float().expand_as(err) if region == "mask" else torch.ones_like(err)

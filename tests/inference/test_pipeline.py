@@ -10,33 +10,20 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from inference import LARGenPipeline
+from inference import LARGenPipeline, load_largen_pipeline
 from inference.session import EditingSession
 from inference.zoom import blend_alpha, mask_box, zoom_box
+from tests.inference.conftest import H, W  # the `scene` fixture's odd, non-square size
 
 STEPS = 2
-W, H = 75, 53  # odd, non-square
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_zoo):
-    p = LARGenPipeline.from_pretrained(tiny_zoo / "largen-pipeline")
+@pytest.fixture(scope="module", params=["largen-pipeline", "largen-xl-pipeline"])
+def pipe(tiny_zoo, request):
+    """Every test that takes `pipe` runs on both backbones: SD-1.5 and SDXL (`LARGenXLPipeline`)."""
+    p = load_largen_pipeline(tiny_zoo / request.param)
     p.set_progress_bar_config(disable=True)
     return p
-
-
-@pytest.fixture(scope="module")
-def scene():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
-    mask = np.zeros((H, W), np.uint8)
-    mask[14:37, 28:51] = 255
-    subjects = [Image.fromarray(rng.integers(0, 256, (29, 17, 4), dtype=np.uint8)) for _ in range(2)]
-    for s in subjects:  # RGBA with a real shape
-        alpha = np.zeros((29, 17), np.uint8)
-        alpha[4:25, 3:14] = 255
-        s.putalpha(Image.fromarray(alpha))
-    return image, Image.fromarray(mask), subjects
 
 
 def _run(pipe, image, mask, seed=0, **kwargs):
@@ -138,7 +125,7 @@ def test_save_then_load_gives_identical_outputs_and_a_plain_unet(pipe, scene, tm
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert not any("to_k_ip" in k for k in unet.state_dict())
 
-    again = LARGenPipeline.from_pretrained(tmp_path / "saved")
+    again = load_largen_pipeline(tmp_path / "saved")
     again.set_progress_bar_config(disable=True)
     kw = dict(prompt="a dog", subject_image=subjects[0])
     np.testing.assert_array_equal(np.asarray(_run(pipe, image, mask, **kw).images[0]), np.asarray(_run(again, image, mask, **kw).images[0]))
