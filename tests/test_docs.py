@@ -154,21 +154,21 @@ def run_block(block: Block, cwd: Path, env: dict[str, str], index: int) -> None:
 
 @pytest.fixture()
 def no_ray_in_this_process():
-    """The docs start their own Ray head on Ray's default ports: an embedded Ray that an earlier
-    test left running in this pytest process holds some of them (its dashboard agent's port)."""
+    """No embedded Ray left running in this pytest process by an earlier test: the docs' Ray head
+    takes Ray's default ports (6379, 8265). (Its dashboard agent has a port of its own, so the
+    embedded Rays of tests running beside it in other processes do not stop its job submission.)"""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
 DOCS_WITH_CODE = [d for d in DOCS if any(b.lang in RUNNABLE and b.skip is None for b in code_blocks(d))]
-# Documents whose blocks start Ray (`make mine` without --backend local, `ray start`).
-STARTS_RAY = {"data-engine.md"}
 
 
+# data-engine.md starts Ray (embedded, and a `ray start` head) while other tests run their own
+# Rays beside it: its head's dashboard agent has a port of its own (the docs say why).
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", [pytest.param(d, marks=[pytest.mark.ray] if d.name in STARTS_RAY else [])
-                                 for d in DOCS_WITH_CODE], ids=[d.name for d in DOCS_WITH_CODE])
+@pytest.mark.parametrize("doc", DOCS_WITH_CODE, ids=[d.name for d in DOCS_WITH_CODE])
 def test_the_docs_code_runs_as_written(doc, tiny_zoo, tmp_path, no_ray_in_this_process):
     cwd = scratch_checkout(tmp_path / "checkout")
     env = docs_environment(tiny_zoo)

@@ -49,3 +49,30 @@ def test_importing_the_pipeline_prints_nothing():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_an_xdist_group_runs_on_one_worker(tmp_path: Path, repo_root: Path):
+    """`make test`'s `--dist loadgroup` keeps an `xdist_group` on one worker (tests/conftest.py)."""
+    (tmp_path / "conftest.py").write_text((repo_root / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_group.py").write_text(
+        "import os, pathlib, pytest\n"
+        "def record(kind, i):\n"
+        "    pathlib.Path(__file__).with_name(f'{kind}-{i}.worker').write_text(os.environ['PYTEST_XDIST_WORKER'])\n"
+        "@pytest.mark.xdist_group('together')\n"
+        "@pytest.mark.parametrize('i', range(6))\n"
+        "def test_grouped(i):\n"
+        "    record('grouped', i)\n"
+        "@pytest.mark.parametrize('i', range(6))\n"
+        "def test_other(i):\n"
+        "    record('other', i)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+         str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    grouped = [(tmp_path / f"grouped-{i}.worker").read_text() for i in range(6)]
+    other = {(tmp_path / f"other-{i}.worker").read_text() for i in range(6)}
+    assert len(set(grouped)) == 1, grouped
+    assert len(other | set(grouped)) == 2, (grouped, other)  # both workers were busy: the test can see a split

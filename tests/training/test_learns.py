@@ -1,4 +1,4 @@
-"""It learns: stage 1 comes to use each of its conditions, stage 2 comes to use RefineNet's subject detail.
+"""It learns: stage 1 comes to use each of its conditions, stage 2 trains RefineNet into a gain over Refine off.
 
 Short versions of training/learning_check.py (`benchmarks/bench_train.py learn` runs them over
 several seeds; the figures and how the thresholds were chosen are in docs/training.md, "It learns").
@@ -13,8 +13,8 @@ from tests.threads import torch_threads
 from training.learning_check import run_learning_check, run_refine_check
 
 # Thresholds on loss(true condition) / loss(shuffled condition) inside the hole, and Refine on / off,
-# from 5 seeds (docs/training.md): each sits above the worst seed measured (stage 1: 0.62, stage 2:
-# 0.969); this test's seed 0 measured 0.52 / 0.47 / 0.33 and 0.92.
+# from 5 seeds (docs/training.md): each sits above the worst seed measured (stage 1: 0.63, stage 2:
+# 0.950); this test's seed 0 measured 0.44 / 0.46 / 0.29 and 0.93 (detail ratio 0.970).
 STAGE1_MAX_RATIO = 0.75  # each condition lowers the masked loss by at least 25 %
 STAGE2_MAX_RATIO_VS_OFF = 0.985  # the trained RefineNet lowers it by more than 1.5 % (0.997 after 1 step)
 
@@ -42,10 +42,12 @@ def test_stage1_learns_and_uses_each_condition(stage1):
 def test_stage2_trains_refinenet_into_a_gain(stage1, tmp_path_factory):
     with torch_threads(1):
         report = run_refine_check(stage1["export_dir"], tmp_path_factory.mktemp("learns-stage2"))
-    # Refine lowers the masked loss against the same model with Refine off. (That the gain is this
-    # sample's detail is NOT shown at this scale: shuffling only RefineNet's input moves the loss by
-    # < 0.2 %, docs/training.md. A whole-subject shuffle would pass through Assign alone.)
+    # Refine lowers the masked loss against the same model with Refine off.
     assert report["ratios"]["refine_vs_off"] < STAGE2_MAX_RATIO_VS_OFF, report
+    # RefineNet's own inputs (noisy subject latents, detail tokens) from another sample do not help.
+    # That they clearly hurt, i.e. that the gain is this sample's detail, is NOT asserted: over 5 seeds
+    # the ratio is 0.970-0.998 (docs/training.md). A whole-subject shuffle would pass through Assign.
+    assert report["ratios"]["refine_vs_detail_shuffled"] < 1.002, report
 
 
 def test_evaluation_loss_rejects_unknown_modes(tiny_zoo):
