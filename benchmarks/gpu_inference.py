@@ -175,6 +175,27 @@ def measure(run, repeats: int, device: str) -> dict:
             "peak_memory_gib": peak_memory_gib(device)}
 
 
+def runners(baseline, largen, resolution: int, device: str, common: dict, **baseline_kwargs):
+    """(run_baseline, run_largen(refine)): one call of each pipeline on the same inputs and seed.
+
+    Each run takes a `callback_on_step_end` (how `measure` times the steps); `baseline_kwargs` go to
+    diffusers' pipeline only (SDXL inpainting needs strength=1.0 to start from pure noise, as LAR-Gen does).
+    """
+    image, mask, subject = inputs(resolution)
+
+    def run_baseline(cb):
+        baseline(prompt="a dog", image=image, mask_image=mask, height=resolution, width=resolution,
+                 generator=torch.Generator(device).manual_seed(0), callback_on_step_end=cb, **baseline_kwargs, **common)
+
+    def run_largen(refine: bool):
+        def run(cb):
+            largen(image, mask, prompt="a dog", subject_image=subject, use_refine=refine, zoom_in=False,
+                   generator=torch.Generator(device).manual_seed(0), callback_on_step_end=cb, **common)
+        return run
+
+    return run_baseline, run_largen
+
+
 def sdxl_rows(args, dtype, steps: int, repeats: int) -> dict[str, dict]:
     """`sdxl_diffusers_inpaint`, `sdxl_largen_refine_off`, `sdxl_largen_refine_on` at SDXL's resolution (1024)."""
     from scripts.make_tiny_models import build_zoo, zoo_dir
@@ -185,18 +206,9 @@ def sdxl_rows(args, dtype, steps: int, repeats: int) -> dict[str, dict]:
     baseline, largen = build_sdxl_pipelines(unet, text, vit, resampler, dtype, args.device,
                                             (zoo / "sdxl-inpainting" / "tokenizer", zoo / "sdxl-inpainting" / "tokenizer_2"))
     resolution = unet["sample_size"] * 8
-    image, mask, subject = inputs(resolution)
     common = dict(num_inference_steps=steps, guidance_scale=7.5)
 
-    def run_baseline(cb):
-        baseline(prompt="a dog", image=image, mask_image=mask, height=resolution, width=resolution, strength=1.0,
-                 generator=torch.Generator(args.device).manual_seed(0), callback_on_step_end=cb, **common)
-
-    def run_largen(refine: bool):
-        def run(cb):
-            largen(image, mask, prompt="a dog", subject_image=subject, use_refine=refine, zoom_in=False,
-                   generator=torch.Generator(args.device).manual_seed(0), callback_on_step_end=cb, **common)
-        return run
+    run_baseline, run_largen = runners(baseline, largen, resolution, args.device, common, strength=1.0)
 
     variants = {"sdxl_diffusers_inpaint": run_baseline, "sdxl_largen_refine_off": run_largen(False),
                 "sdxl_largen_refine_on": run_largen(True)}
@@ -268,19 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         baseline, largen = build_pipelines(unet, text_layers, vit, resampler, dtype, args.device,
                                            zoo / "sd-inpainting" / "tokenizer")
         resolution = unet["sample_size"] * 8
-        image, mask, subject = inputs(resolution)
         common = dict(num_inference_steps=steps, guidance_scale=7.5)
 
-        def run_baseline(cb):
-            baseline(prompt="a dog", image=image, mask_image=mask, height=resolution, width=resolution,
-                     generator=torch.Generator(args.device).manual_seed(0), callback_on_step_end=cb, **common)
-
-        def run_largen(refine: bool):
-            def run(cb):
-                largen(image, mask, prompt="a dog", subject_image=subject, use_refine=refine, zoom_in=False,
-                       generator=torch.Generator(args.device).manual_seed(0), callback_on_step_end=cb, **common)
-            return run
-
+        run_baseline, run_largen = runners(baseline, largen, resolution, args.device, common)
         variants = {"diffusers_inpaint": run_baseline, "largen_refine_off": run_largen(False),
                     "largen_refine_on": run_largen(True)}
         with torch.inference_mode():
