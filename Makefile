@@ -117,8 +117,8 @@ mine: ## mine PIPELINE (default sample) of pipelines.yaml into shards: [PROFILE=
 		$(if $(filter command line,$(origin OUT)),--output $(OUT)) $(MINE_ARGS)
 
 bench-engine: tiny-models ## CPU: images/s of the embedded-Ray data engine vs a sequential loop (256 images, tiny zoo)
-	$(PY) benchmarks/bench_engine.py --images 256 --threads 1
-	$(PY) benchmarks/bench_engine.py --images 256 --threads 1 --images-per-shard 16 --set engine.layout=fused
+	$(PY) benchmarks/bench_engine.py --images 256 --threads 1 --set engine.layout=per_stage
+	$(PY) benchmarks/bench_engine.py --images 256 --threads 1 --images-per-shard 16 --set engine.layout=fused --set engine.fused.num_cpus=1
 
 # `make serve MODEL=.cache/tiny-models/largen-pipeline PROFILE=tiny`: the editor on http://127.0.0.1:7860/.
 # HOST and PORT count only from the command line: shells export HOST (zsh: the machine's name), and

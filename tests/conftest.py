@@ -46,6 +46,9 @@ def pytest_collection_modifyitems(config, items):
     but two Rays on two cores made the suite ~40 s slower (measured: 7m02s against 6m19s).
     """
     loadgroup = bool(getattr(config.option, "loadgroup", False))  # set on xdist workers under --dist loadgroup
+    # The slow tests first: xdist hands out work in collection order (groups with the most tests
+    # first), so a slow test collected last would run alone at the end while the other worker idles.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         if item.get_closest_marker("ray") or "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))

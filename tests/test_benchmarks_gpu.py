@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_gpu  # noqa: E402
 
 
+@pytest.mark.slow
 def test_bench_gpu_tiny_on_cpu_writes_one_json_per_benchmark_and_a_table(tmp_path, tiny_zoo):
     # gpu_ram.py and gpu_eval.py belong to the tagger and the evaluation harness, whose tests run them.
     only = "inference,inference-sdxl,train,engine"

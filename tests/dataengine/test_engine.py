@@ -106,16 +106,16 @@ def test_sample_pipeline_on_ray_from_the_command_line(repo_root, sample_images, 
     assert ds[0]["mask.png"].mode == "L" and ds[0]["subject.png"].mode == "RGBA"
 
 
-def test_fused_layout_writes_the_same_shards(sample_cfg, reference_run, ray_local, tmp_path):
-    """`engine.layout: fused` (one pool, every replica holds all models) changes placement, not bytes."""
-    fused = sample_cfg.model_copy(deep=True)
-    fused.pipeline.engine.layout = "fused"
-    fused.pipeline.engine.fused.replicas = 2
-    fused.pipeline.engine.fused.num_cpus = 0.5
-    assert [g.name for g in stage_groups(fused)] == ["fused"]
-    assert fused.config_hash() == sample_cfg.config_hash()
+def test_per_stage_layout_writes_the_same_shards(sample_cfg, reference_run, ray_local, tmp_path):
+    """`engine.layout: per_stage` (one pool per model) changes placement, not bytes, against the
+    `sample` pipeline's fused layout (one pool, every replica holds all models)."""
+    assert [g.name for g in stage_groups(sample_cfg)] == ["fused"]
+    per_stage = sample_cfg.model_copy(deep=True)
+    per_stage.pipeline.engine.layout = "per_stage"
+    assert [g.name for g in stage_groups(per_stage)] == ["tag", "ground", "segment", "caption"]
+    assert per_stage.config_hash() == sample_cfg.config_hash()
     out = tmp_path / "mined"
-    summary = mine(fused, out, backend="ray", progress=False)
+    summary = mine(per_stage, out, backend="ray", progress=False)
     assert summary.shards_written == 3 and summary.samples > 0
     for ref in sorted(reference_run.iterdir()):
         if ref.suffix in (".tar", ".parquet"):

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from evaluation.benchmark import build_synthetic, load_cases
@@ -47,6 +48,7 @@ def _killed_then_resumed(tmp, tiny_zoo, repo_root):
     return bench, out, before, second.stdout
 
 
+@pytest.mark.slow
 def test_make_eval_end_to_end(tmp_path, tiny_zoo, repo_root, capsys):
     """One test, so that the two `make eval` runs happen once (pytest-xdist may split a module's
     tests over workers and set a module fixture up on each)."""
@@ -115,6 +117,7 @@ def _report_command_rewrites_the_same_results(e2e, capsys):
     assert "holds no run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_launched_processes_split_the_cases_and_process_0_reports(synthetic_bench, tiny_zoo, tmp_path):
     """Two processes under torchrun (what `accelerate launch --num_processes 2` sets up too: RANK,
     WORLD_SIZE): each case runs once, on process i mod 2, and process 0 reports after both are done."""

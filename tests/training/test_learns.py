@@ -12,6 +12,9 @@ import pytest
 from tests.threads import torch_threads
 from training.learning_check import run_learning_check, run_refine_check
 
+# One worker runs this module: both learning tests share the stage-1 run of the module fixture.
+pytestmark = pytest.mark.xdist_group("learns")
+
 # Thresholds on loss(true condition) / loss(shuffled condition) inside the hole, and Refine on / off,
 # from 5 seeds (docs/training.md): each sits above the worst seed measured (stage 1: 0.63, stage 2:
 # 0.950); this test's seed 0 measured 0.44 / 0.46 / 0.29 and 0.93 (detail ratio 0.970).
