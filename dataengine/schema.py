@@ -157,6 +157,11 @@ def decode_sample(raw: dict[str, Any], load_source: bool = True) -> Quadruplet:
     return q
 
 
+# 1 where a mask value is neither 0 nor 255. A lookup then `getbbox` (both in PIL's C) checks a
+# 12-megapixel mask in about a third of the time of `histogram()` (measured 9 vs 20-28 ms).
+_NON_BINARY = [0] + [1] * 254 + [0]
+
+
 def check_quadruplet(q: Quadruplet) -> None:
     """Raise ValueError naming the sample and the broken rule, if any."""
     problems = []
@@ -180,7 +185,7 @@ def check_quadruplet(q: Quadruplet) -> None:
             problems.append("txt is not the json's regional caption (or, without one, its global caption)")
         if any(not v.strip() for v in q.meta.captions.values()):
             problems.append("a json caption is empty")
-    if q.mask.mode == "L" and any(q.mask.histogram()[1:255]):  # PIL's C histogram: no full-array pass
+    if q.mask.mode == "L" and q.mask.point(_NON_BINARY).getbbox() is not None:
         problems.append("mask has values other than 0 and 255")
     if problems:
         raise ValueError(f"sample {q.key}: " + "; ".join(problems))
