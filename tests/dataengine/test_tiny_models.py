@@ -41,7 +41,7 @@ def test_builders_are_the_documented_set():
     # ram-plus is a .pth in the published RAM++ layout on purpose (the real file's loader reads it),
     # so it is not one of NAMES, whose checkpoints must be safetensors.
     assert set(tiny_models.BUILDERS) == set(NAMES) | {"ram-plus"}
-    assert tiny_models.RECIPE_VERSION == "1"
+    assert tiny_models.RECIPE_VERSION == "2"
 
 
 def test_checkpoints_are_small_and_safetensors(zoo):
@@ -87,6 +87,19 @@ def test_grounding_dino_boxes_for_text_prompt(zoo, image):
     assert len(results[0]["text_labels"]) == model.config.num_queries
     assert all(isinstance(label, str) for label in results[0]["text_labels"])
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+
+
+@pytest.mark.parametrize("side", [32, 64, 256])
+def test_grounding_dino_grounds_a_square_image_alone(zoo, side):
+    """A square image on its own in a batch (no wider neighbour to pad it) is 64 x 64 for the tiny
+    processor; every feature level must still hold more than one position."""
+    model, processor = load_grounding(zoo / "grounding-dino")
+    square = Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    inputs = processor(images=square, text="cat .", return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.pred_boxes.shape == (1, model.config.num_queries, 4)
+    assert torch.isfinite(outputs.logits[..., : inputs["input_ids"].shape[1]]).all()  # -inf past the text
 
 
 def test_sam_masks_for_two_boxes(zoo, image):
