@@ -101,6 +101,22 @@ def test_sdxl_stage1_resume_is_exact(sdxl_stage1, tiny_zoo, synthetic_shards, tm
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_sdxl_stage2_resume_is_exact(sdxl_stage1, tiny_zoo, synthetic_shards, tmp_path):
+    """Stage 2 (RefineNet, its noisy subject latents and detail tokens) resumes to the same losses and weights."""
+    def cfg(out, steps):
+        return sdxl_config(2, tiny_zoo, synthetic_shards, out, steps, pretrained=sdxl_stage1.export_dir)
+
+    with torch_threads(1):
+        straight = train(cfg(tmp_path / "a", 2))
+        first = train(cfg(tmp_path / "b", 1))
+        second = train(cfg(tmp_path / "b", 2), resume_from_checkpoint="latest")
+    assert first.losses + second.losses == pytest.approx(straight.losses, abs=1e-6)
+    a = load_file(str(tmp_path / "a" / "checkpoint-2" / TRAINABLE_WEIGHTS))
+    b = load_file(str(tmp_path / "b" / "checkpoint-2" / TRAINABLE_WEIGHTS))
+    assert set(a) == set(b) and any(k.startswith("refinenet.") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
 def test_sdxl_stage2_export_loads_and_inpaints(sdxl_stage1, tiny_zoo, synthetic_shards, tmp_path):
     with torch_threads(1):
         result = train(sdxl_config(2, tiny_zoo, synthetic_shards, tmp_path, 1, pretrained=sdxl_stage1.export_dir))

@@ -133,6 +133,23 @@ def test_resume_is_exact(tiny_zoo, synthetic_shards, tmp_path):
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
 
 
+def test_stage2_resume_is_exact(stage1_run, tiny_zoo, synthetic_shards, tmp_path):
+    """Stage 2 (RefineNet, its noisy subject latents and detail tokens) resumes to the same losses and weights."""
+    export = stage1_run[1].export_dir
+
+    def cfg(out, steps):
+        return stage_config(2, tiny_zoo, synthetic_shards, out, steps, "checkpoint.every=1", pretrained=export)
+
+    straight = train(cfg(tmp_path / "a", 2))
+    first = train(cfg(tmp_path / "b", 1))
+    second = train(cfg(tmp_path / "b", 2), resume_from_checkpoint="latest")
+    assert first.losses + second.losses == pytest.approx(straight.losses, abs=1e-6)
+    a = load_file(str(tmp_path / "a" / "checkpoint-2" / TRAINABLE_WEIGHTS))
+    b = load_file(str(tmp_path / "b" / "checkpoint-2" / TRAINABLE_WEIGHTS))
+    assert set(a) == set(b) and any(k.startswith("refinenet.") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
 def test_a_shard_with_corrupt_members_trains_through(corrupt_shard, tiny_zoo, tmp_path):
     path, expected = corrupt_shard
     # 6 good samples, batch 2: step 4 reads into the second epoch, past every broken member.
