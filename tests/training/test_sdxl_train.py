@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from inference.sdxl import LARGenXLPipeline, load_largen_pipeline, sdxl_time_ids
 from tests.threads import torch_threads
+from tests.training.resume import assert_resume_is_exact
 from training.config import load_train_config
 from training.data import QuadrupletStream, TrainingExampleBuilder, read_quadruplets
 from training.synthetic import write_synthetic_shards
@@ -102,19 +103,11 @@ def test_sdxl_stage1_resume_is_exact(sdxl_stage1, tiny_zoo, synthetic_shards, tm
 
 
 def test_sdxl_stage2_resume_is_exact(sdxl_stage1, tiny_zoo, synthetic_shards, tmp_path):
-    """Stage 2 (RefineNet, its noisy subject latents and detail tokens) resumes to the same losses and weights."""
-    def cfg(out, steps):
-        return sdxl_config(2, tiny_zoo, synthetic_shards, out, steps, pretrained=sdxl_stage1.export_dir)
-
+    """Stage 2 (RefineNet, its noisy subject latents and detail tokens) resumes exactly."""
     with torch_threads(1):
-        straight = train(cfg(tmp_path / "a", 2))
-        first = train(cfg(tmp_path / "b", 1))
-        second = train(cfg(tmp_path / "b", 2), resume_from_checkpoint="latest")
-    assert first.losses + second.losses == pytest.approx(straight.losses, abs=1e-6)
-    a = load_file(str(tmp_path / "a" / "checkpoint-2" / TRAINABLE_WEIGHTS))
-    b = load_file(str(tmp_path / "b" / "checkpoint-2" / TRAINABLE_WEIGHTS))
-    assert set(a) == set(b) and any(k.startswith("refinenet.") for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+        assert_resume_is_exact(
+            lambda out, steps: sdxl_config(2, tiny_zoo, synthetic_shards, out, steps, pretrained=sdxl_stage1.export_dir),
+            tmp_path, "refinenet.")
 
 
 def test_sdxl_stage2_export_loads_and_inpaints(sdxl_stage1, tiny_zoo, synthetic_shards, tmp_path):

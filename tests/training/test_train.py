@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from dataengine.typed_config import ConfigError
 from inference.pipeline import LARGenPipeline
 from tests.training.conftest import write_undecodable_shard
+from tests.training.resume import assert_resume_is_exact
 from training.config import load_train_config
 from training.train import TRAINABLE_WEIGHTS, list_checkpoints, load_model, main, train
 
@@ -134,20 +135,11 @@ def test_resume_is_exact(tiny_zoo, synthetic_shards, tmp_path):
 
 
 def test_stage2_resume_is_exact(stage1_run, tiny_zoo, synthetic_shards, tmp_path):
-    """Stage 2 (RefineNet, its noisy subject latents and detail tokens) resumes to the same losses and weights."""
+    """Stage 2 (RefineNet, its noisy subject latents and detail tokens) resumes exactly."""
     export = stage1_run[1].export_dir
-
-    def cfg(out, steps):
-        return stage_config(2, tiny_zoo, synthetic_shards, out, steps, "checkpoint.every=1", pretrained=export)
-
-    straight = train(cfg(tmp_path / "a", 2))
-    first = train(cfg(tmp_path / "b", 1))
-    second = train(cfg(tmp_path / "b", 2), resume_from_checkpoint="latest")
-    assert first.losses + second.losses == pytest.approx(straight.losses, abs=1e-6)
-    a = load_file(str(tmp_path / "a" / "checkpoint-2" / TRAINABLE_WEIGHTS))
-    b = load_file(str(tmp_path / "b" / "checkpoint-2" / TRAINABLE_WEIGHTS))
-    assert set(a) == set(b) and any(k.startswith("refinenet.") for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert_resume_is_exact(
+        lambda out, steps: stage_config(2, tiny_zoo, synthetic_shards, out, steps, "checkpoint.every=1", pretrained=export),
+        tmp_path, "refinenet.")
 
 
 def test_a_shard_with_corrupt_members_trains_through(corrupt_shard, tiny_zoo, tmp_path):
