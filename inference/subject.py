@@ -36,8 +36,8 @@ class SubjectInputs:
 
     Attributes:
         clip_pixels: float tensor (3, clip_size, clip_size), normalised for the CLIP image encoder.
-        refine_pixels: float tensor (3, refine_size, refine_size) in [-1, 1], the VAE input for RefineNet;
-            None when it was not asked for (`refine_size=None`).
+        refine_pixels: float tensor (3, refine_size, refine_size) in [-1, 1], the VAE input for RefineNet
+            (uint8 0..255 with `refine_uint8`); None when it was not asked for (`refine_size=None`).
         square: the white-padded square RGB image both were resized from (for inspection).
     """
 
@@ -109,13 +109,30 @@ def _processor_stats(image_processor) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(mean), tuple(std)
 
 
-def _to_tensor(image: Image.Image | np.ndarray, scale: float = 1.0 / 255.0, offset: float = 0.0) -> torch.Tensor:
-    """HxWx3 uint8 -> contiguous float (3, H, W) = pixel * scale + offset, in one copy and two in-place passes."""
+def chw_uint8(arr: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> contiguous uint8 (3, H, W). The training loader hands pixels over as these (4x
+    less to pass between processes than float, and collation is a plain copy) and the trainer scales
+    them on its device with `pixels_to_unit_range`."""
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> float in [-1, 1] (the VAE's input range); float input is returned as is.
+
+    The one formula for VAE inputs made from uint8 pixels: the pipeline's RefineNet input and the
+    trainer's source and RefineNet inputs, so both see the same floats, bit for bit.
+    """
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
+
+
+def _to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> contiguous float (3, H, W) in [0, 1], in one copy and one in-place pass."""
     chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
-    return torch.from_numpy(chw).mul_(scale).add_(offset)
+    return torch.from_numpy(chw).mul_(1.0 / 255.0)
 
 
-def prepare_subject(subject, clip_size: int, refine_size: int | None, image_processor=None) -> SubjectInputs:
+def prepare_subject(subject, clip_size: int, refine_size: int | None, image_processor=None,
+                    refine_uint8: bool = False) -> SubjectInputs:
     """Preprocess a subject for the CLIP image encoder (Assign, Refine's detail encoder) and RefineNet.
 
     Args:
@@ -126,6 +143,8 @@ def prepare_subject(subject, clip_size: int, refine_size: int | None, image_proc
             latent resolution). None: no RefineNet input is built (`refine_pixels` is None), which
             saves the largest resize when nothing uses it.
         image_processor: the encoder's `CLIPImageProcessor`, for its mean/std; CLIP defaults when None.
+        refine_uint8: return `refine_pixels` as uint8 (3, R, R) instead, for a caller that scales it
+            later with `pixels_to_unit_range` (the training loader: its workers pass 4x fewer bytes).
 
     Returns:
         SubjectInputs with `clip_pixels` (3, clip_size, clip_size) and `refine_pixels`
@@ -143,5 +162,7 @@ def prepare_subject(subject, clip_size: int, refine_size: int | None, image_proc
     if refine_size is not None:
         # The source crop's own resize (area when shrinking, bilinear when enlarging): RefineNet's VAE
         # input is our design, not CLIP's preprocessing, and OpenCV takes a fraction of PIL's time here.
-        refine = _to_tensor(resize_square(square_pixels, refine_size), 2.0 / 255.0, -1.0)
+        refine = chw_uint8(resize_square(square_pixels, refine_size))
+        if not refine_uint8:
+            refine = pixels_to_unit_range(refine)
     return SubjectInputs(clip_pixels=clip, refine_pixels=refine, square=square)

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dataengine.schema import Quadruplet, decode_sample
-from inference.subject import prepare_subject
+from inference.subject import chw_uint8, pixels_to_unit_range, prepare_subject
 from inference.zoom import crop_resize, mask_box, zoom_box
 from training.config import DataConfig
 
@@ -431,17 +431,6 @@ def _is_lazy(image: Image.Image) -> bool:
     return image.format == "JPEG" and image.mode == "RGB" and bool(getattr(image, "tile", None))
 
 
-def _chw_tensor(arr: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> contiguous uint8 (3, H, W); the trainer scales to [-1, 1] on its device (4x less to pass
-    between processes than float, and a contiguous tensor makes collation a plain copy)."""
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (0..255) -> float in [-1, 1] (the VAE's input range); float input is returned as is."""
-    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
-
-
 class TrainingExampleBuilder:
     """Turn one decoded quadruplet into model inputs (tensors), deterministically given an RNG.
 
@@ -484,7 +473,7 @@ class TrainingExampleBuilder:
         Returns:
             dict with pixel_values (3,R,R) uint8 (`pixels_to_unit_range` makes it [-1,1]), mask
             (1,R,R) uint8 0/1 (1 = inpaint; the masked image is pixel_values where mask is 0),
-            clip_pixels, refine_pixels (float; only with `refine`), input_ids (L,), drop_text,
+            clip_pixels, refine_pixels (uint8 like pixel_values; only with `refine`), input_ids (L,), drop_text,
             drop_image (bool tensors), mask_mode (str), key (str), crop_box (4,) long (the square
             crop in source pixels, possibly past the edges) and source_size (2,) long (w, h): the
             crop's real geometry, SDXL's micro-conditioning (`inference.sdxl.sdxl_time_ids`);
@@ -517,12 +506,12 @@ class TrainingExampleBuilder:
             raise EmptyMaskError(f"sample {q.key}: the mask vanishes at {res}px")
         # 2. Mask augmentation.
         mask_aug, mode = augment_mask(mask_crop, self.cfg, rng)
-        pixel_values = _chw_tensor(source)
+        pixel_values = chw_uint8(source)
         mask_t = torch.from_numpy(mask_aug)[None]
         # 3. Subject preprocessing: the same function the pipeline uses.
         subject = prepare_subject(
             q.subject, clip_size=self.clip_size, refine_size=self.refine_size if self.refine else None,
-            image_processor=self.image_processor,
+            image_processor=self.image_processor, refine_uint8=True,
         )
         # 4. Condition dropout for CFG (paper 4.5): text and image are dropped independently.
         drop_text, drop_image = self.draw_dropout(self.cfg.dropout, rng)
@@ -546,7 +535,7 @@ class TrainingExampleBuilder:
                 return_tensors="pt",
             ).input_ids[0]
         if self.refine:
-            example["refine_pixels"] = subject.refine_pixels.float()
+            example["refine_pixels"] = subject.refine_pixels  # uint8, scaled on the trainer's device
         return example
 
 

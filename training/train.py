@@ -750,7 +750,7 @@ def predict_noise(denoiser: nn.Module, batch: dict[str, Any], vae, text_encoder,
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         refine_latents = None
         if stage == 2:
-            subject = encode(batch["refine_pixels"])
+            subject = encode(pixels_to_unit_range(batch["refine_pixels"].to(device)))
             subject_noise = torch.randn(subject.shape, device=device, dtype=subject.dtype, generator=gen)
             refine_latents = noise_scheduler.add_noise(subject, subject_noise, timesteps)  # same t as the scene
         if noise_scheduler.config.prediction_type == "epsilon":

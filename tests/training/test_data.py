@@ -6,6 +6,7 @@ import copy
 import gzip
 import itertools
 import logging
+import random
 import tarfile
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def test_batches_have_the_model_input_contract(synthetic_shards, tokenizer):
     assert batch["input_ids"].dtype == torch.long
     pixels = pixels_to_unit_range(batch["pixel_values"])
     assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.dtype == torch.float32
-    assert batch["refine_pixels"].min() >= -1 and batch["refine_pixels"].max() <= 1
+    assert batch["refine_pixels"].dtype == torch.uint8  # scaled on the trainer's device, as pixel_values
     assert set(batch["mask"].unique().tolist()) == {0, 1}
     assert len(batch["key"]) == 4 and batch["__cursor__"] >= 4
 
@@ -187,6 +188,22 @@ def test_a_stream_of_only_broken_samples_fails_clearly(corrupt_shard, tokenizer,
 
     with pytest.raises(NoSamplesError, match="no sample"):
         take(make_stream([str(path)], tokenizer, resampled=False), 1)
+
+
+def test_refinenet_input_scaled_on_the_device_is_the_pipelines_bit_for_bit(synthetic_shards, tokenizer):
+    """The loader passes RefineNet's subject input as uint8; `pixels_to_unit_range` (what the trainer
+    applies on its device) gives exactly the floats the pipeline's `prepare_subject` gives."""
+    from inference.subject import prepare_subject
+    from training.data import read_quadruplets
+
+    cfg = DataConfig.model_validate({"shards": synthetic_shards, "resolution": 64})
+    builder = TrainingExampleBuilder(cfg, tokenizer, clip_size=32, refine_size=64)
+    for i, q in enumerate(read_quadruplets(synthetic_shards, 4)):
+        example = builder(q, random.Random(i))
+        pipeline = prepare_subject(q.subject, clip_size=32, refine_size=64)
+        assert example["refine_pixels"].dtype == torch.uint8
+        assert torch.equal(pixels_to_unit_range(example["refine_pixels"]), pipeline.refine_pixels)
+        assert torch.equal(example["clip_pixels"], pipeline.clip_pixels)
 
 
 def test_stage1_batches_skip_the_refinenet_input_and_keep_the_rest(synthetic_shards, tokenizer):
