@@ -44,7 +44,7 @@ from inference.loading import (
     load_ip_adapter_state_dict,
 )
 from inference.model import AssignAdapter, DetailEncoder, LARGenModel, plain_attention
-from inference.subject import prepare_subject
+from inference.subject import chw_uint8, pixels_to_unit_range, prepare_subject
 from inference.zoom import DEFAULT_EXPANSION, crop_resize, crop_with_padding, mask_box, paste_back, zoom_box
 
 MODE_TEXT = "text"
@@ -135,12 +135,6 @@ def _as_mask(mask_image, size: tuple[int, int]) -> Image.Image:
     return mask_image.convert("L").point(lambda v: 255 if v >= 128 else 0)
 
 
-def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> [1, 3, H, W] in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return arr.permute(2, 0, 1).unsqueeze(0)
-
-
 class LARGenPipeline(DiffusionPipeline):
     r"""LAR-Gen promptable inpainting: text-only, subject-only or text+subject, from the same weights.
 
@@ -194,8 +188,12 @@ class LARGenPipeline(DiffusionPipeline):
         tokenizer: CLIPTokenizer,
         scheduler,
         feature_extractor: CLIPImageProcessor | None = None,
+        **components,
     ) -> LARGenPipeline:
-        """Wrap a (trained) `LARGenModel` into a pipeline, e.g. to `save_pretrained` it (shares the modules)."""
+        """Wrap a (trained) `LARGenModel` into a pipeline, e.g. to `save_pretrained` it (shares the modules).
+
+        `components`: further arguments of the pipeline class (the SDXL sibling's second text encoder).
+        """
         if feature_extractor is None:
             size = model.image_encoder.config.image_size
             feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
@@ -210,6 +208,7 @@ class LARGenPipeline(DiffusionPipeline):
             scheduler=scheduler,
             refinenet=model.refinenet,
             detail_encoder=model.detail_encoder,
+            **components,
         )
         pipe.model = model
         return pipe
@@ -502,7 +501,7 @@ class LARGenPipeline(DiffusionPipeline):
             image_embeds = null_image  # text-only: the image branch sees the null condition
 
         # 5. Prepare the Locate inputs: source latents, masked-image latents, latent mask
-        pixels = _pil_to_tensor(crop)
+        pixels = pixels_to_unit_range(chw_uint8(np.asarray(crop)))[None]  # the trainer's formula
         source_latents = self._encode_vae(pixels)
         masked_latents = self._encode_vae(pixels * (mask_px < 0.5))
         h, w = source_latents.shape[-2:]

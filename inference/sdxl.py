@@ -200,17 +200,8 @@ class LARGenXLPipeline(LARGenPipeline):
         """
         if text_encoder_2 is None or tokenizer_2 is None:
             raise ValueError("LARGenXLPipeline needs text_encoder_2 and tokenizer_2 (SDXL's second text encoder)")
-        if feature_extractor is None:
-            size = model.image_encoder.config.image_size
-            feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
-        pipe = cls(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=model.unet, ip_adapter=model.ip_adapter, image_encoder=model.image_encoder,
-            feature_extractor=feature_extractor, scheduler=scheduler, refinenet=model.refinenet,
-            detail_encoder=model.detail_encoder, **defaults,
-        )
-        pipe.model = model
-        return pipe
+        return super().from_model(model, vae, text_encoder, tokenizer, scheduler, feature_extractor,
+                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, **defaults)
 
     @classmethod
     def from_base(

@@ -119,8 +119,8 @@ def chw_uint8(arr: np.ndarray) -> torch.Tensor:
 def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (0..255) -> float in [-1, 1] (the VAE's input range); float input is returned as is.
 
-    The one formula for VAE inputs made from uint8 pixels: the pipeline's RefineNet input and the
-    trainer's source and RefineNet inputs, so both see the same floats, bit for bit.
+    The one formula for VAE inputs made from uint8 pixels: the pipeline's source crop and RefineNet
+    input, and the trainer's, so both see the same floats, bit for bit.
     """
     return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
 
